@@ -1,0 +1,87 @@
+"""The shared DataModule: two end distributions, a direction and a coupling -> batches of pairs."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from flowmatch.couplings import Coupling
+from flowmatch.direction import apply_direction
+from flowmatch.evaluation import EvalSetup
+
+
+class PairStream(IterableDataset):
+    """An endless stream of coupled batches ``(x0, x1)``, each of ``batch_size`` pairs."""
+
+    def __init__(self, coupling: Coupling, batch_size: int, seed: int) -> None:
+        self.coupling, self.batch_size, self.seed = coupling, int(batch_size), int(seed)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield self.coupling.sample(self.batch_size, g)
+
+
+class FlowDataModule(L.LightningDataModule):
+    """Base DataModule. Subclasses implement ``build_ends() -> (noise, data)`` distributions.
+
+    The direction (``forward``: noise at t = 0; ``backward``: data at t = 0) is applied once,
+    then the coupling is set up on ``(p0, p1)``. Training batches come from an endless
+    :class:`PairStream` (seeded per rank); validation and test use fixed held-out pairs.
+    The coupling's finite pair set is saved in checkpoints (``state_dict``).
+    """
+
+    def __init__(self, coupling: Coupling, direction: str = "forward", batch_size: int = 256,
+                 val_size: int = 1024, test_size: int = 1024, seed: int = 0) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"data.batch_size must be an integer >= 1, got {batch_size}")
+        self.coupling, self.direction = coupling, direction
+        self.batch_size, self.val_size, self.test_size, self.seed = int(batch_size), int(val_size), int(test_size), int(seed)
+        self.p0 = self.p1 = None
+
+    def build_ends(self):
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.p0 is not None:
+            return
+        noise, data = self.build_ends()
+        self.p0, self.p1 = apply_direction(noise, data, self.direction)
+        self.coupling.setup(self.p0, self.p1)
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(PairStream(self.coupling, self.batch_size, self.seed + 1000 * self._rank()), batch_size=None)
+
+    def _held_out(self, n: int, offset: int) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed + offset)
+        x0, x1 = self.coupling.sample(n, g)
+        return DataLoader(TensorDataset(x0, x1), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._held_out(self.val_size, 10_007)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._held_out(self.test_size, 20_011)
+
+    def state_dict(self) -> dict:
+        return {"coupling": self.coupling.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.coupling.load_state_dict(state_dict.get("coupling", {}))
+
+    # --- evaluation -------------------------------------------------------------------------
+    def ot_map(self):
+        """Closed-form x0 -> T_OT(x0), or None when unknown (default)."""
+        return None
+
+    def target_moments(self):
+        """(mean, cov) of p1 when known in closed form, else None."""
+        return None
+
+    def eval_setup(self) -> EvalSetup:
+        self.setup()
+        return EvalSetup(self.p0, self.p1, self.coupling.pairs, self.ot_map(), self.target_moments())

@@ -1,0 +1,130 @@
+"""Entry-layer helpers shared by ``train.py`` and ``evaluate.py`` (the only modules that import this).
+
+This is the one place in the package that imports Hydra: composing, checking and instantiating
+configs. The math core and the Lightning layer never import it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def fail(message: str) -> None:
+    """Print one clear error line and stop (exit status 2)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _first_values(args: list[str]) -> list[str] | None:
+    """The command-line overrides with every sweep reduced to its first value (None: can't)."""
+    parser = OverridesParser.create()
+    out = []
+    for ov in parser.parse_overrides([a for a in args if not a.startswith("-")]):
+        if ov.key_or_group.startswith("hydra"):
+            continue
+        if ov.is_sweep_override():
+            try:
+                first = next(iter(ov.sweep_string_iterator()))
+            except Exception:  # glob() sweeps need Hydra's config loader
+                return None
+            prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(ov.type.name, "")
+            out.append(f"{prefix}{ov.key_or_group}={first}")
+        else:
+            out.append(ov.input_line)
+    return out
+
+
+def _explain_unknown_key(config_name: str, overrides: list[str], bad: str) -> str:
+    """Name the misspelt key and list the keys that exist where it was looked for."""
+    others = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == bad]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        try:
+            cfg = compose(config_name, overrides=others)
+        except Exception:
+            return f"unknown config key '{bad}'"
+    parent, _, _ = bad.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    while not isinstance(node, DictConfig) and parent:
+        parent, _, _ = parent.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = ", ".join(sorted(str(k) for k in node.keys())) if isinstance(node, DictConfig) else "?"
+    where = f"under '{parent}'" if parent else "at the top level"
+    return f"unknown config key '{bad}'; the keys {where} are: {keys} (use +{bad}=... to add a new key)"
+
+
+def preflight(config_name: str, argv: list[str] | None = None) -> None:
+    """Compose the config for the command line (first value of each sweep) before Hydra runs,
+    so an unknown option or a misspelt key stops with one message naming the allowed values."""
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in args):
+        return
+    try:
+        overrides = _first_values(args)
+    except Exception as exc:  # a syntax error: Hydra reports it itself
+        fail(str(exc).strip().splitlines()[0])
+    if overrides is None:
+        return
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except MissingConfigException as exc:
+        fail(" ".join(str(exc).split("Config search path")[0].split()))
+    except ConfigCompositionException as exc:
+        text = str(exc) + " " + str(exc.__cause__ or "")
+        if "not in struct" in text or "Key '" in text:
+            bad = text.split("Could not override '", 1)[-1].split("'", 1)[0] if "Could not override '" in text else ""
+            if bad:
+                fail(_explain_unknown_key(config_name, overrides, bad))
+        fail(" ".join(str(exc).split()))
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a configuration error raised while building components into one clear line."""
+    try:
+        yield
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        fail(str(cause) if isinstance(cause, (ValueError, FileNotFoundError, TypeError)) else " ".join(str(exc).split()))
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+
+
+def set_threads(threads) -> None:
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+
+
+def build(cfg: DictConfig):
+    """Instantiate (datamodule, module, solver) from a composed config."""
+    from flowmatch.module import FlowMatchingModule
+
+    coupling = instantiate(cfg.coupling)
+    datamodule = instantiate(cfg.data, coupling=coupling)
+    interpolant = instantiate(cfg.interpolant)
+    solver = instantiate(cfg.solver)
+    model = instantiate(cfg.model)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    module = FlowMatchingModule(model, interpolant, instantiate(cfg.optimizer), scheduler,
+                                **cfg.get("module", {}))
+    datamodule.setup()
+    return datamodule, module, solver
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write ``data`` as one flat JSON object (atomic: a partial file never replaces a good one)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
