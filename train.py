@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from flowmatch.entry import build, fail, preflight, set_threads, user_errors, write_json
+from flowmatch.entry import build, eval_options, fail, preflight, set_threads, user_errors, write_json
 from flowmatch.evaluation import evaluate_flow
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -32,15 +32,18 @@ def _resolve_ckpt(ckpt_path, ckpt_dir: Path):
     return ckpt_path
 
 
-def _final_eval(cfg: DictConfig, module, datamodule, solver, run_dir: Path) -> dict:
+def _final_eval(cfg: DictConfig, module, datamodule, solver, run_dir: Path, eval_kwargs: dict) -> dict:
     module.eval()
-    result = evaluate_flow(module.velocity, datamodule.eval_setup(), solver,
+    setup = datamodule.eval_setup()
+    result = evaluate_flow(module.velocity, setup, solver,
                            euler_steps=cfg.eval.euler_steps, n_fresh=cfg.eval.n_fresh, seed=cfg.eval.seed,
-                           keep_trajectories=cfg.eval.keep_trajectories, device=module.device)
+                           keep_trajectories=cfg.eval.keep_trajectories, device=module.device, **eval_kwargs)
     if result.trajectories:
         x0, x1 = datamodule.coupling.pairs
         torch.save({"x0": x0, "x1": x1, **result.trajectories}, run_dir / "eval_trajectories.pt")
-    return result.metrics
+    if setup.train_data is None:  # vector data: metrics.json keeps only float scalars
+        return result.metrics
+    return {**result.metrics, **result.protocol, "protocol/ema": str(module.sampling_model is not None).lower()}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -50,8 +53,12 @@ def main(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with user_errors():
         datamodule, module, solver = build(cfg)
+        eval_kwargs = eval_options(cfg.eval)
         module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+        for cb in callbacks:  # a callback may check its settings against the data before training
+            if hasattr(cb, "validate"):
+                cb.validate(datamodule=datamodule, module=module)
         loggers = [instantiate(c) for c in cfg.logger.values()]
         ckpt_dir = run_dir / "checkpoints"
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
@@ -69,7 +76,7 @@ def main(cfg: DictConfig) -> dict:
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])
     if cfg.eval.enabled:
-        metrics.update(_final_eval(cfg, module, datamodule, solver, run_dir))
+        metrics.update(_final_eval(cfg, module, datamodule, solver, run_dir, eval_kwargs))
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.global_step)
     write_json(run_dir / "metrics.json", metrics)

@@ -25,5 +25,9 @@ def per_sample_loss(
     """Return the (B,) vector of per-sample losses l_i for the velocity network ``model(x, t)``."""
     xt = interpolant.x_t(x0, x1, t, eps)
     ut = interpolant.u_t(x0, x1, t, eps)
-    v = model(xt, t)
-    return (v - ut).pow(2).flatten(1).mean(1)
+    return regression_loss(model(xt, t), ut)
+
+
+def regression_loss(v: Tensor, u: Tensor) -> Tensor:
+    """(B,) per-sample (1/D) ||v_i - u_i||^2: the loss on precomputed (x_t, u_t) probes."""
+    return (v - u).pow(2).flatten(1).mean(1)

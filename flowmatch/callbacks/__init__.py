@@ -1,0 +1,1 @@
+"""Lightning callbacks: EMA weights, sample grids, gradient variance, throughput."""

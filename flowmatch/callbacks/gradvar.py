@@ -1,0 +1,158 @@
+"""GradientVarianceCallback: per-time-bin gradient variance on a fixed probe, during training.
+
+Enabled by ``callbacks=gradvar``; settings under ``callbacks.gradvar``. Every ``every_n_steps``
+optimizer steps (and once at the end of training) it evaluates :func:`flowmatch.gradvar.bin_sums`
+on a probe of ``probe_size`` samples with equal counts per time bin, all-reduces the sums across
+DDP ranks (so the result equals one process on the union of the ranks' probes), logs
+``gradvar/bin_{k:02d}/{var,sqnorm,loss}`` to every logger, appends rows to ``gradvar.csv`` in the
+run dir and, at the end, draws ``gradvar_heatmap.png`` and ``gradvar_profile.png``.
+
+Probe sources (``source``):
+- ``interpolant``: seeded pairs from the coupling, eps and stratified t, fixed for the whole run;
+  x_t, u_t from the interpolant exactly as in the training loss;
+- ``pairs``: the coupling's finite training pairs (fixed, rotated with n_pairs, shuffled_ot,
+  reflow), cycled over the bins; x_t, u_t from the interpolant;
+- ``integrated``: fixed sources integrated by the *current* model (Euler, ``ode_steps``); x_t is
+  the trajectory at each probe time and u = x_hat1 - x0 the velocity of the pair the trajectory
+  defines (the paper's "variance in integrated samples"); recomputed at every probe.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from flowmatch import gradvar as gv
+from flowmatch.losses import regression_loss
+from flowmatch.sampling import Solver
+
+SOURCES = ("interpolant", "pairs", "integrated")
+
+
+def probe_loss(model, batch: dict) -> Tensor:
+    """Per-sample (1/D) ||v(x_t, t) - u_t||^2 on a probe with precomputed ``xt``, ``ut``, ``t``."""
+    return regression_loss(model(batch["xt"], batch["t"]), batch["ut"])
+
+
+class GradientVarianceCallback(L.Callback):
+    def __init__(self, bins=10, every_n_steps: int = 500, probe_size: int = 400, source: str = "interpolant",
+                 method: str = "auto", chunk_size: int = 64, ode_steps: int = 100, seed: int = 0,
+                 groups: str | None = None, filename: str = "gradvar.csv", plot: bool = True) -> None:
+        self.edges = gv.bin_edges(bins)
+        self.K = self.edges.numel() - 1
+        if source not in SOURCES:
+            raise ValueError(f"callbacks.gradvar.source must be one of {list(SOURCES)}, got {source!r}")
+        if int(every_n_steps) < 1:
+            raise ValueError(f"callbacks.gradvar.every_n_steps must be >= 1, got {every_n_steps}")
+        if int(probe_size) < 2 * self.K:
+            raise ValueError(f"callbacks.gradvar.probe_size must be >= 2 x the number of bins ({2 * self.K}), "
+                             f"got {probe_size}")
+        self.every, self.n_per_bin, self.source = int(every_n_steps), int(probe_size) // self.K, source
+        self.method, self.chunk_size, self.seed, self.groups = method, int(chunk_size), int(seed), groups
+        self.solver = Solver("euler", steps=int(ode_steps))
+        self.filename, self.plot = filename, bool(plot)
+        self.fixed: dict[str, Tensor] | None = None
+        self.last_step = -1
+        self.last_stats: gv.GradVarStats | None = None
+
+    # --- probe ----------------------------------------------------------------------------
+    def _pairs(self, coupling, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        if self.source != "pairs":
+            return coupling.sample(n, g)
+        if coupling.pairs is None:
+            raise ValueError(f"callbacks.gradvar.source=pairs needs a finite coupling (fixed, rotated with n_pairs, "
+                             f"shuffled_ot, reflow), got {coupling.name}")
+        idx = torch.arange(n) % len(coupling.pairs[0])
+        return coupling.pairs[0][idx], coupling.pairs[1][idx]
+
+    def validate(self, datamodule, module) -> None:
+        """Fail before training when the probe source cannot work with this coupling."""
+        if self.source == "pairs" and datamodule.coupling.pairs is None:
+            self._pairs(datamodule.coupling, 1, None)
+
+    def draw_fixed(self, coupling, interpolant, rank: int = 0) -> dict[str, Tensor]:
+        """The fixed part of the probe (x0, x1, t, eps), seeded per rank so ranks probe disjoint samples."""
+        g = torch.Generator().manual_seed(self.seed + 7919 * rank)
+        x0, x1 = self._pairs(coupling, self.n_per_bin * self.K, g)
+        t = gv.stratified_times(self.n_per_bin, self.edges, g).float()
+        eps = torch.randn(x0.shape, generator=g) if interpolant.stochastic else torch.zeros_like(x0)
+        return {"x0": x0, "x1": x1, "t": t, "eps": eps}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        trainer.datamodule.setup(stage)
+        self.fixed = self.draw_fixed(trainer.datamodule.coupling, pl_module.interpolant, trainer.global_rank)
+
+    def probe(self, pl_module) -> dict[str, Tensor]:
+        """The probe batch {xt, ut, t} on the module's device."""
+        f = {k: v.to(pl_module.device) for k, v in self.fixed.items()}
+        t = f["t"]
+        if self.source != "integrated":
+            interp = pl_module.interpolant
+            return {"xt": interp.x_t(f["x0"], f["x1"], t, f["eps"]), "ut": interp.u_t(f["x0"], f["x1"], t, f["eps"]),
+                    "t": t}
+        res = self.solver.integrate(pl_module.model, f["x0"], return_traj=True)
+        # linear interpolation of the trajectory (on the uniform Euler grid) at each probe time
+        pos = t.double() * self.solver.steps
+        lo = pos.floor().long().clamp(max=self.solver.steps - 1)
+        w = (pos - lo).to(res.traj.dtype).reshape(-1, *[1] * (f["x0"].dim() - 1))
+        idx = torch.arange(len(t), device=t.device)
+        xt = (1 - w) * res.traj[lo, idx] + w * res.traj[lo + 1, idx]
+        return {"xt": xt, "ut": res.x1 - f["x0"], "t": t}
+
+    # --- measurement ----------------------------------------------------------------------
+    def measure(self, trainer, pl_module) -> gv.GradVarStats:
+        """Bin sums on this rank's probe, summed over ranks, turned into statistics."""
+        with torch.inference_mode(False), torch.enable_grad():
+            sums = gv.bin_sums(pl_module.model, probe_loss, self.probe(pl_module), self.edges, method=self.method,
+                               chunk_size=self.chunk_size, groups=self.groups)
+        if trainer.world_size > 1:
+            flat = trainer.strategy.reduce(sums.as_tensor().to(pl_module.device), reduce_op="sum")
+            sums = sums.from_tensor(flat.cpu())
+        return sums.to_stats()
+
+    def _record(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if step == self.last_step:
+            return
+        stats = self.measure(trainer, pl_module)
+        self.last_step, self.last_stats = step, stats
+        if not trainer.is_global_zero:
+            return
+        logged = {}
+        for k in range(self.K):
+            logged[f"gradvar/bin_{k:02d}/var"] = float(stats.grad_var[k])
+            logged[f"gradvar/bin_{k:02d}/sqnorm"] = float(stats.grad_sqnorm[k])
+            logged[f"gradvar/bin_{k:02d}/loss"] = float(stats.loss[k])
+        for lg in trainer.loggers:
+            lg.log_metrics(logged, step=step)
+        self._append_csv(trainer, stats.rows(step))
+
+    def _csv_path(self, trainer) -> Path:
+        return Path(trainer.default_root_dir) / self.filename
+
+    def _append_csv(self, trainer, rows: list[dict]) -> None:
+        path = self._csv_path(trainer)
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(gv.COLUMNS))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    # --- hooks ------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:  # nothing else happens on the other steps
+            self._record(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module)
+        if self.plot and trainer.is_global_zero and self._csv_path(trainer).exists():
+            from flowmatch.plots.gradvar import plot_gradvar
+
+            plot_gradvar(self._csv_path(trainer), Path(trainer.default_root_dir))

@@ -1,0 +1,394 @@
+"""Per-time-bin variance of the per-sample loss gradient (the paper's diagnostic), plain torch.
+
+Probe: B samples with times t_i, per-sample losses l_i(theta), g_i = grad_theta l_i (P parameters, flattened).
+Time bins [e_k, e_{k+1}) with edges e_0 < ... < e_K in [0, 1]; the last bin is closed (t = e_K goes in it);
+samples outside [e_0, e_K] are ignored. For bin k with n_k samples (I_k their indices):
+
+    loss_k             = (1/n_k) sum_{i in I_k} l_i
+    gbar_k             = (1/n_k) sum_{i in I_k} g_i
+    grad_sqnorm_k      = (1/n_k) sum_{i in I_k} ||g_i||^2
+    mean_grad_sqnorm_k = ||gbar_k||^2
+    grad_var_k         = (sum_{i in I_k} ||g_i||^2 - n_k ||gbar_k||^2) / (n_k - 1)
+                       = trace of the unbiased sample covariance of the g_i    (NaN when n_k < 2)
+
+Only the sufficient statistics n_k, sum l_i, sum ||g_i||^2 and sum g_i (K x P) are accumulated, streaming over
+chunks of the probe (:class:`BinSums`), so memory is O(K P + chunk cost) and sums from several processes add up
+exactly (one all-reduce SUM of :meth:`BinSums.as_tensor`). Per parameter group the same formulas hold with g_i
+restricted to the group's parameters. Per-sample gradients are exact (:mod:`flowmatch.persample`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flowmatch.persample import HooksEngine, HooksUnsupported, loop_engine, slice_chunk, vmap_engine
+
+__all__ = ["bin_edges", "bin_index", "stratified_times", "param_groups", "BinSums", "GradVarStats",
+           "bin_sums", "gradient_variance", "microbatch_variance", "COLUMNS"]
+log = logging.getLogger(__name__)
+COLUMNS = ("step", "t_lo", "t_hi", "n", "loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm")
+_KEY = "callbacks.gradvar.bins"
+
+
+def bin_edges(bins) -> Tensor:
+    """Edges (K+1,) float64: ``K`` equal bins of [0, 1] for an int, else the given strictly increasing edges."""
+    if isinstance(bins, Tensor):
+        bins = bins.tolist()
+    if isinstance(bins, bool) or isinstance(bins, float) and not bins.is_integer():
+        raise ValueError(f"{_KEY} must be a bin count >= 1 or a list of edges in [0, 1], got {bins!r}")
+    if isinstance(bins, (int, float)):
+        if int(bins) < 1:
+            raise ValueError(f"{_KEY} must be a bin count >= 1 or a list of edges in [0, 1], got {bins!r}")
+        return torch.linspace(0.0, 1.0, int(bins) + 1, dtype=torch.float64)
+    try:
+        e = torch.tensor([float(v) for v in bins], dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{_KEY} must be a bin count or a list of numeric edges, got {bins!r}") from None
+    if e.numel() < 2 or not bool(torch.isfinite(e).all()) or bool((e.diff() <= 0).any()):
+        raise ValueError(f"{_KEY} edges must be >= 2 finite, strictly increasing values, got {e.tolist()}")
+    if e[0] < 0 or e[-1] > 1:
+        raise ValueError(f"{_KEY} edges must lie within [0, 1], got {e.tolist()}")
+    return e
+
+
+def bin_index(t: Tensor, edges: Tensor) -> Tensor:
+    """(B,) bin of each time: k for e_k <= t < e_{k+1}, K - 1 for t == e_K, K (= dropped) outside [e_0, e_K].
+    Comparisons are made in t's floating dtype (edges rounded to it), so a float32 t = 0.3 lies on edge 0.3."""
+    K, tt = edges.numel() - 1, t.detach().reshape(-1)
+    tt = tt if tt.is_floating_point() else tt.double()
+    e = edges.to(tt.device, tt.dtype)
+    idx = torch.bucketize(tt, e, right=True) - 1
+    idx = torch.where(tt == e[-1], K - 1, idx)
+    return torch.where((tt < e[0]) | (tt > e[-1]) | tt.isnan(), K, idx)
+
+
+def stratified_times(n_per_bin: int, edges, generator: torch.Generator | None = None,
+                     dtype=torch.float32, device=None) -> Tensor:
+    """(K * n_per_bin,) times, ``n_per_bin`` drawn uniformly inside each bin (bin-major order)."""
+    e = bin_edges(edges)
+    K = e.numel() - 1
+    u = torch.rand(K, int(n_per_bin), generator=generator, dtype=torch.float64)
+    t64 = e[:-1, None] + (e[1:] - e[:-1])[:, None] * u
+    t = t64.to(dtype).reshape(-1)
+    bad = bin_index(t, e) != torch.arange(K).repeat_interleave(int(n_per_bin))  # rounding onto an edge
+    mid = ((e[:-1] + e[1:]) / 2)[:, None].expand(K, int(n_per_bin)).reshape(-1).to(dtype)
+    t = torch.where(bad, mid, t)
+    if bool((bin_index(t, e) != torch.arange(K).repeat_interleave(int(n_per_bin))).any()):
+        raise ValueError(f"{_KEY}: bins {e.tolist()} are too narrow to hold times of dtype {dtype}")
+    return t.to(device)
+
+
+def param_groups(model: nn.Module, by: str = "module") -> dict[str, list[str]]:
+    """Trainable parameter names grouped ``by`` "module" (top-level child) or "layer" (owning module)."""
+    if by not in ("module", "layer"):
+        raise ValueError(f"param_groups by must be 'module' or 'layer', got {by!r}")
+    out: dict[str, list[str]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            key = n.split(".")[0] if by == "module" else (n.rsplit(".", 1)[0] if "." in n else n)
+            out.setdefault(key, []).append(n)
+    return out
+
+
+@dataclass(frozen=True)
+class _Layout:
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def _moments(n: Tensor, sq: Tensor, gsum_sq: Tensor) -> dict[str, Tensor]:
+    """Statistics from n, sum ||g_i||^2 and ||sum g_i||^2 per bin (variance clamped at 0 against rounding)."""
+    mean_sq = gsum_sq / n.pow(2)
+    var = ((sq - n * mean_sq) / (n - 1)).clamp_min(0.0)
+    return {"grad_var": torch.where(n > 1, var, torch.nan), "grad_sqnorm": sq / n, "mean_grad_sqnorm": mean_sq}
+
+
+@dataclass
+class GradVarStats:
+    """Per-bin statistics (each a (K,) float64 tensor; formulas in the module docstring). ``groups`` maps a group
+    name to its own {"grad_var", "grad_sqnorm", "mean_grad_sqnorm"}; ``method`` is the engine that ran."""
+
+    t_lo: Tensor
+    t_hi: Tensor
+    n: Tensor
+    loss: Tensor
+    grad_var: Tensor
+    grad_sqnorm: Tensor
+    mean_grad_sqnorm: Tensor
+    groups: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    method: str = ""
+
+    def rows(self, step: int) -> list[dict]:
+        """One dict per bin with exactly the gradvar.csv columns ``COLUMNS``."""
+        return [{"step": int(step), "t_lo": float(self.t_lo[k]), "t_hi": float(self.t_hi[k]),
+                 "n": int(self.n[k]), "loss": float(self.loss[k]), "grad_var": float(self.grad_var[k]),
+                 "grad_sqnorm": float(self.grad_sqnorm[k]), "mean_grad_sqnorm": float(self.mean_grad_sqnorm[k])}
+                for k in range(self.n.numel())]
+
+    def group_rows(self, step: int) -> list[dict]:
+        """Rows ``step, group, t_lo, t_hi, n, grad_var, grad_sqnorm, mean_grad_sqnorm`` per (group, bin)."""
+        return [{"step": int(step), "group": g, "t_lo": float(self.t_lo[k]), "t_hi": float(self.t_hi[k]),
+                 "n": int(self.n[k]), **{s: float(v[k]) for s, v in st.items()}}
+                for g, st in self.groups.items() for k in range(self.n.numel())]
+
+
+@dataclass
+class BinSums:
+    """Sufficient statistics per bin: n (K,), loss_sum (K,), sqnorm_sum (K,) = sum ||g_i||^2, group_sqnorm_sum
+    (K, G) in float64, and sum g_i stored parameter-major in ``grad_flat`` (for each parameter in ``layout.names``
+    order a contiguous (K, numel) block; :meth:`blocks` views them, :attr:`grad_sum` is the (K, P) matrix) in the
+    parameters' dtype (float64 after :meth:`from_tensor`; its rounding is below that of the float32 per-sample
+    gradients themselves). Sums over disjoint probes add: ``a + b`` (or :meth:`merge`) equals one pass over the
+    union; :meth:`as_tensor` / :meth:`from_tensor` pack them into one float64 tensor for an all-reduce SUM."""
+
+    edges: Tensor
+    n: Tensor
+    loss_sum: Tensor
+    sqnorm_sum: Tensor
+    group_sqnorm_sum: Tensor
+    grad_flat: Tensor
+    layout: _Layout
+    method: str = ""
+
+    _FIELDS = ("n", "loss_sum", "sqnorm_sum", "group_sqnorm_sum", "grad_flat")
+
+    @classmethod
+    def zeros(cls, edges: Tensor, layout: _Layout, device=None, method: str = "",
+              grad_dtype=torch.float64) -> "BinSums":
+        K, P, G = edges.numel() - 1, sum(layout.sizes), len(layout.groups)
+
+        def z(*shape, dtype=torch.float64):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        return cls(edges.double().cpu(), z(K), z(K), z(K), z(K, G), z(K * P, dtype=grad_dtype), layout, method)
+
+    def blocks(self) -> dict[str, Tensor]:
+        """Per parameter name, the (K, numel) view of sum g_i restricted to that parameter."""
+        K = self.n.numel()
+        return dict(zip(self.layout.names, (b.view(K, -1) for b in
+                                            self.grad_flat.split([K * s for s in self.layout.sizes]))))
+
+    @property
+    def grad_sum(self) -> Tensor:
+        """(K, P) per-bin sum of the flattened per-sample gradients (a copy)."""
+        return torch.cat(list(self.blocks().values()), 1) if self.layout.names else self.grad_flat.view(-1, 0)
+
+    def merge(self, other: "BinSums") -> "BinSums":
+        if not torch.equal(self.edges, other.edges) or self.layout != other.layout:
+            raise ValueError("cannot merge BinSums with different bin edges or parameter layout")
+        method = self.method if self.method == other.method else f"{self.method}+{other.method}"
+        return BinSums(self.edges, *(getattr(self, f) + getattr(other, f) for f in self._FIELDS),
+                       self.layout, method)
+
+    __add__ = merge
+
+    def as_tensor(self) -> Tensor:
+        """All sums in one flat float64 tensor (all-reduce it with SUM, then :meth:`from_tensor`)."""
+        return torch.cat([getattr(self, f).reshape(-1).double() for f in self._FIELDS])
+
+    def from_tensor(self, flat: Tensor) -> "BinSums":
+        """A BinSums with this one's edges/layout and the sums read back from ``flat`` (see :meth:`as_tensor`)."""
+        parts, out, i = {}, flat.reshape(-1).double(), 0
+        expected = sum(getattr(self, f).numel() for f in self._FIELDS)
+        if out.numel() != expected:
+            raise ValueError(f"flat tensor has {out.numel()} entries, expected {expected}")
+        for f in self._FIELDS:
+            ref = getattr(self, f)
+            parts[f] = out[i:i + ref.numel()].reshape(ref.shape)
+            i += ref.numel()
+        return BinSums(self.edges, layout=self.layout, method=self.method, **parts)
+
+    def to_stats(self) -> GradVarStats:
+        n = self.n
+        sq_of = {name: torch.linalg.vector_norm(b, dim=1, dtype=torch.float64).square()
+                 for name, b in self.blocks().items()}  # ||sum g||^2 per parameter and bin
+
+        def total(names):
+            return sum((sq_of[m] for m in names), torch.zeros_like(n))
+        groups = {name: {k: v.cpu() for k, v in _moments(n, self.group_sqnorm_sum[:, j], total(members)).items()}
+                  for j, (name, members) in enumerate(self.layout.groups)}
+        return GradVarStats(self.edges[:-1].clone(), self.edges[1:].clone(), n.round().long().cpu(),
+                            (self.loss_sum / n).cpu(),
+                            **{k: v.cpu() for k, v in _moments(n, self.sqnorm_sum, total(self.layout.names)).items()},
+                            groups=groups, method=self.method)
+
+
+def _resolve_groups(model: nn.Module, params: dict, groups) -> tuple:
+    if groups is None:
+        return ()
+    if isinstance(groups, str):
+        groups = param_groups(model, groups)
+    if not isinstance(groups, Mapping):
+        raise ValueError(f"groups must be None, 'module', 'layer' or a dict name -> parameter names, got {groups!r}")
+    out = []
+    for name, members in groups.items():
+        members = [members] if isinstance(members, str) else list(members)
+        unknown = [m for m in members if m not in params]
+        if unknown:
+            raise ValueError(f"group {name!r}: {unknown} are not trainable parameter names of the model")
+        out.append((str(name), tuple(members)))
+    return tuple(out)
+
+
+class _TrainModeGuard:
+    """model.eval() for the probe (dropout off, BatchNorm on running stats), restoring every module's mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.modes = model, [(m, m.training) for m in model.modules()]
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def bin_sums(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor], probe: dict[str, Tensor], edges,
+             method: str = "auto", chunk_size: int = 64, groups=None, verify: bool = True) -> BinSums:
+    """Stream the probe in chunks of ``chunk_size`` and accumulate :class:`BinSums` (see module docstring).
+
+    ``loss_fn(model, chunk) -> (b,)`` per-sample losses, deterministic given the chunk (draw t, eps, ... into
+    the probe); ``probe["t"]`` (B,) bins the samples. ``method``: "hooks" (one forward+backward per chunk,
+    exact for Linear/Conv1d/Conv2d/LayerNorm/GroupNorm/Embedding), "vmap", "loop" or "auto" (hooks when every
+    trainable parameter is in a supported layer, else vmap). If an engine cannot handle the model it falls back
+    hooks -> vmap -> loop (logged; ``result.method`` names the engine used). The model runs in eval mode (its
+    modes are restored) and no ``.grad`` is touched. ``groups``: None, "module", "layer" or {name: [param
+    names]}.
+    """
+    if method not in ("auto", "hooks", "vmap", "loop"):
+        raise ValueError(f"method must be 'auto', 'hooks', 'vmap' or 'loop', got {method!r}")
+    e = bin_edges(edges)
+    if "t" not in probe:
+        raise ValueError("probe must contain the (B,) times under key 't'")
+    B = probe["t"].shape[0]
+    bad = [k for k, v in probe.items() if not isinstance(v, Tensor) or v.shape[:1] != (B,)]
+    if bad:
+        raise ValueError(f"probe entries {bad} are not tensors with batch dimension {B} first")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    layout = _Layout(tuple(params), tuple(p.numel() for p in params.values()),
+                     _resolve_groups(model, params, groups))
+    order = ["hooks", "vmap", "loop"][["hooks", "vmap", "loop"].index(method if method != "auto" else "hooks"):]
+    with _TrainModeGuard(model), torch.enable_grad():
+        for i, name in enumerate(order):
+            try:
+                if name == "hooks":
+                    engine = HooksEngine(model, params, verify=verify)
+                else:
+                    engine = vmap_engine if name == "vmap" else loop_engine
+                return _accumulate(engine, name, model, loss_fn, probe, e, int(chunk_size), params, layout)
+            except RuntimeError as err:  # HooksUnsupported, or vmap's "not supported" errors
+                if name == "loop":
+                    raise
+                planned = isinstance(err, HooksUnsupported) and method == "auto" and i == 0
+                level = logging.DEBUG if planned else logging.INFO
+                log.log(level, "gradvar: %s engine not usable (%s); falling back to %s", name, err, order[i + 1])
+    raise AssertionError("unreachable")
+
+
+def _accumulate(engine, name, model, loss_fn, probe, e, chunk_size, params, layout) -> BinSums:
+    """Sort the probe by bin (sums are order-free; chunks then hold few runs of equal bins), drop samples
+    outside the edges, let the engine add each chunk's per-bin gradient sums into accumulators in the parameter
+    dtype (see BinSums), and keep the rest in float64."""
+    p0 = next(iter(params.values()), None)
+    dev = p0.device if p0 is not None else probe["t"].device
+    dtypes = {p.dtype for p in params.values()}
+    out = BinSums.zeros(e, layout, dev, name, next(iter(dtypes)) if len(dtypes) == 1 else torch.float64)
+    K = e.numel() - 1
+    bins = bin_index(probe["t"], e)
+    order = torch.argsort(bins, stable=True)[: int((bins < K).sum())]
+    probe = {k: v[order.to(v.device)] for k, v in probe.items()}
+    bins = bins[order].tolist()
+    if out.grad_flat.dtype in dtypes:  # one parameter dtype: accumulate in place in BinSums' own storage
+        acc = {n: b.view(K, *p.shape) for (n, b), p in zip(out.blocks().items(), params.values())}
+    else:
+        acc = {n: torch.zeros((K, *p.shape), dtype=p.dtype, device=p.device) for n, p in params.items()}
+    group_idx = [[layout.names.index(m) for m in members] for _, members in layout.groups]
+    step = max(1, chunk_size)
+    for i in range(0, len(bins), step):
+        chunk, cb = slice_chunk(probe, i, i + step), bins[i:i + step]
+        starts = [j for j in range(len(cb)) if j == 0 or cb[j] != cb[j - 1]]
+        segs = [(cb[s], s, e) for s, e in zip(starts, starts[1:] + [len(cb)])]
+        kb = torch.tensor(cb, device=dev)
+        losses, sq = engine(model, loss_fn, chunk, kb, segs, params, acc)
+        out.n.index_add_(0, kb, torch.ones(len(cb), dtype=torch.float64, device=dev))
+        out.loss_sum.index_add_(0, kb, losses.detach().double())
+        zero = torch.zeros(len(cb), dtype=torch.float64, device=dev)
+        sqs = [sq[n].double() if n in sq else zero for n in layout.names]
+        out.sqnorm_sum.index_add_(0, kb, torch.stack(sqs).sum(0) if sqs else zero)
+        if group_idx:
+            out.group_sqnorm_sum.index_add_(0, kb, torch.stack([sum((sqs[m] for m in ms), zero)
+                                                                for ms in group_idx], 1))
+    if out.grad_flat.dtype not in dtypes:
+        for (n, block) in out.blocks().items():
+            block.copy_(acc[n].reshape(K, -1))
+    return out
+
+
+def gradient_variance(model: nn.Module, loss_fn, probe: dict[str, Tensor], edges, **kw) -> GradVarStats:
+    """``bin_sums(model, loss_fn, probe, edges, **kw).to_stats()``."""
+    return bin_sums(model, loss_fn, probe, edges, **kw).to_stats()
+
+
+def microbatch_variance(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor],
+                        sample_batch: Callable[..., dict], n_micro: int, micro_size: int,
+                        edges=None) -> GradVarStats:
+    """Micro-batch estimator of the per-sample gradient variance, for couplings whose samples are dependent
+    inside a batch (minibatch OT, or anything computed jointly on a batch).
+
+    Draws M = ``n_micro`` independent micro-batches of size m = ``micro_size`` (``sample_batch(m)``, or
+    ``sample_batch(m, t_lo, t_hi)`` per bin when ``edges`` is given: the callee must then draw times in
+    [t_lo, t_hi]; a "t" entry outside is rejected), computes each micro-batch mean gradient
+    G_j = grad (1/m) sum_i l_i with one backward, and reports per bin
+
+        grad_var         = m * (sum_j ||G_j||^2 - M ||Gbar||^2) / (M - 1),   Gbar = (1/M) sum_j G_j
+        mean_grad_sqnorm = ||Gbar||^2      (the mean gradient of all N = M m samples, as in the per-sample case)
+        grad_sqnorm      = (N - 1)/N * grad_var + ||Gbar||^2     (implied mean ||g||^2; not measured)
+        n = N, loss = mean of all N losses.
+
+    Since Var[G_j] = (1/m) [tr Sigma + (m - 1) c], with Sigma the per-sample covariance and c the mean
+    within-batch cross-covariance, grad_var estimates tr Sigma + (m - 1) c: exactly tr Sigma (same expectation
+    as the per-sample estimator) for i.i.d. samples, and otherwise the per-sample variance *as seen by SGD at
+    batch size m* (m x the variance of a training batch's gradient). Use it when the coupling is solved per
+    batch, with ``micro_size`` = the training batch size, because then the within-batch spread of the g_i that
+    the per-sample estimator measures is not the gradient noise. Costs K M backward passes of size m; memory
+    O(P). The model runs in eval mode (modes restored); ``.grad`` is not touched. ``method`` is "microbatch".
+    """
+    M, m = int(n_micro), int(micro_size)
+    if M < 2 or m < 1:
+        raise ValueError(f"microbatch_variance needs n_micro >= 2 and micro_size >= 1, got {M}, {m}")
+    e = bin_edges(edges) if edges is not None else None
+    ranges = [(0.0, 1.0)] if e is None else list(zip(e[:-1].tolist(), e[1:].tolist()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    cols: dict[str, list[float]] = {k: [] for k in ("n", "loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm")}
+    with _TrainModeGuard(model), torch.enable_grad():
+        for lo, hi in ranges:
+            gsum = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+            sqsum = lsum = 0.0
+            for _ in range(M):
+                batch = sample_batch(m) if e is None else sample_batch(m, lo, hi)
+                t = batch.get("t")
+                if e is not None and t is not None and bool(((t < lo) | (t > hi)).any()):
+                    raise ValueError(f"sample_batch(m, {lo}, {hi}) returned times outside the bin")
+                losses = loss_fn(model, batch)
+                if losses.shape != (m,):
+                    raise ValueError(f"loss_fn must return shape ({m},), got {tuple(losses.shape)}")
+                grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
+                for acc, g in zip(gsum, grads):
+                    if g is not None:
+                        acc += g.double()
+                sqsum += sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+                lsum += float(losses.detach().double().sum())
+            mean_sq = sum(float(a.pow(2).sum()) for a in gsum) / M**2
+            var = max(0.0, m * (sqsum - M * mean_sq) / (M - 1))
+            N = M * m
+            for k, v in zip(cols, (N, lsum / N, var, (N - 1) / N * var + mean_sq, mean_sq)):
+                cols[k].append(v)
+    lo_hi = torch.tensor(ranges, dtype=torch.float64).reshape(-1, 2)
+    return GradVarStats(lo_hi[:, 0], lo_hi[:, 1], **{k: torch.tensor(v, dtype=torch.long if k == "n" else
+                                                                  torch.float64) for k, v in cols.items()},
+                        method="microbatch")

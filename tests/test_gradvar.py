@@ -1,0 +1,403 @@
+"""Per-time-bin gradient variance: every engine against a naive loop of B backward passes written here."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowmatch import persample
+from flowmatch.gradvar import (COLUMNS, BinSums, bin_edges, bin_index, bin_sums, gradient_variance,
+                               microbatch_variance, param_groups, stratified_times)
+from flowmatch.interpolants import CFM, Linear
+from flowmatch.losses import per_sample_loss
+
+torch.set_num_threads(1)
+DT = torch.float64
+
+
+# --------------------------------------------------------------------------------------------- test networks
+def time_features(t):
+    f = torch.arange(1, 5, dtype=t.dtype, device=t.device) * math.pi
+    return torch.cat([torch.sin(t[:, None] * f), torch.cos(t[:, None] * f)], 1)  # (b, 8)
+
+
+class VelocityMLP(nn.Module):
+    """(x, t) -> v with separate Linear layers on x and on the time features, which are also concatenated."""
+
+    def __init__(self, d=2, h=16):
+        super().__init__()
+        self.x_proj, self.t_proj = nn.Linear(d, h), nn.Linear(8, h)
+        self.net = nn.Sequential(nn.SiLU(), nn.Linear(h + 8, h), nn.LayerNorm(h), nn.SiLU(), nn.Dropout(0.5),
+                                 nn.Linear(h, h), nn.SiLU(), nn.Linear(h, d))
+
+    def forward(self, x, t):
+        f = time_features(t)
+        return self.net(torch.cat([self.x_proj(x) + self.t_proj(f), f], 1))
+
+
+class TinyUNet(nn.Module):
+    """8x8x1 images, 8 channels: Conv2d (strided, grouped, 'same'), GroupNorm, Conv1d, an Embedding of the time
+    bucket (b,), an Embedding of quantised pixels (b, 16) with repeats and padding_idx, hand-written
+    self-attention (LayerNorm, Linear qkv over 16 tokens), a token MLP, nearest upsampling with a skip."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.t_emb, self.t_lin = nn.Embedding(10, c), nn.Linear(c, c)
+        self.pix = nn.Embedding(6, c, padding_idx=0)
+        self.inp = nn.Conv2d(1, c, 3, padding=1)
+        self.gn1, self.gn2 = nn.GroupNorm(2, c), nn.GroupNorm(4, c)
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.gconv = nn.Conv2d(c, c, 3, padding="same", groups=2)
+        self.mix = nn.Conv1d(c, c, 1)
+        self.conv1d = nn.Conv1d(c, c, 3, padding=1, bias=False)
+        self.ln, self.qkv, self.proj = nn.LayerNorm(c), nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.tok1, self.tok2 = nn.Linear(c, 5 * c), nn.Linear(5 * c, c)
+        self.up = nn.Conv2d(2 * c, c, 3, padding=1)
+        self.out = nn.Conv2d(c, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        b, c = x.shape[0], self.inp.out_channels
+        h = self.inp(x) + self.t_lin(self.t_emb((t * 9.999).long()))[:, :, None, None]
+        skip = F.silu(self.gn1(h))
+        h = self.down(skip)                                              # (b, c, 4, 4)
+        q = ((x[:, 0, ::2, ::2].clamp(-1.5, 1.5) + 1.5) / 3 * 5).round().long()  # (b, 4, 4) tokens 0..5
+        h = h + self.pix(q.reshape(b, 16)).transpose(1, 2).reshape(b, c, 4, 4)
+        h = F.silu(self.gn2(self.gconv(h)))
+        s = self.conv1d(self.mix(h.reshape(b, c, 16))).transpose(1, 2)  # (b, 16, c)
+        qq, kk, vv = self.qkv(self.ln(s)).chunk(3, -1)
+        s = s + self.proj(torch.softmax(qq @ kk.transpose(1, 2) / math.sqrt(c), -1) @ vv)
+        s = s + self.tok2(F.silu(self.tok1(s)))
+        h = F.interpolate(s.transpose(1, 2).reshape(b, c, 4, 4), scale_factor=2, mode="nearest")
+        return self.out(F.silu(self.up(torch.cat([h, skip], 1))))
+
+
+def make_probe(shape, B, gen, t=None):
+    x0, x1 = torch.randn(B, *shape, generator=gen, dtype=DT), torch.randn(B, *shape, generator=gen, dtype=DT)
+    t = torch.rand(B, generator=gen, dtype=DT) if t is None else t
+    return {"x0": x0, "x1": x1 + 1.0, "t": t, "eps": torch.randn(B, *shape, generator=gen, dtype=DT)}
+
+
+def fm_loss(interp):
+    return lambda model, c: per_sample_loss(model, interp, c["x0"], c["x1"], c["t"], c["eps"])
+
+
+# ------------------------------------------------------------------------------------------ independent truth
+def naive_stats(model, loss_fn, probe, edges, groups=None):
+    """B separate backward passes; per-bin statistics with the centred (two-pass) variance formula."""
+    was = model.training
+    model.eval()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    G, L = [], []
+    for i in range(probe["t"].shape[0]):
+        li = loss_fn(model, {k: v[i:i + 1] for k, v in probe.items()})[0]
+        gs = torch.autograd.grad(li, [p for _, p in params], allow_unused=True)
+        G.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                            for g, (_, p) in zip(gs, params)]))
+        L.append(float(li.detach()))
+    model.train(was)
+    G, L, t = torch.stack(G), torch.tensor(L, dtype=DT), probe["t"].double()
+    cols = {None: torch.arange(G.shape[1])}
+    off = torch.tensor([0] + [p.numel() for _, p in params]).cumsum(0)
+    pos = {n: torch.arange(int(off[j]), int(off[j + 1])) for j, (n, _) in enumerate(params)}
+    for g, names in (groups or {}).items():
+        cols[g] = torch.cat([pos[n] for n in names])
+    out = {}
+    for k in range(len(edges) - 1):
+        lo, hi = edges[k], edges[k + 1]
+        mask = (t >= lo) & ((t < hi) | ((t == hi) & (k == len(edges) - 2)))
+        n = int(mask.sum())
+        for g, c in cols.items():
+            Gk = G[mask][:, c]
+            var = ((Gk - Gk.mean(0)) ** 2).sum() / (n - 1) if n > 1 else torch.tensor(float("nan"))
+            out[(g, k)] = {"n": n, "loss": L[mask].mean(), "grad_var": var, "grad_sum": Gk.sum(0),
+                           "grad_sqnorm": (Gk ** 2).sum(1).mean(), "mean_grad_sqnorm": (Gk.mean(0) ** 2).sum()}
+    return out
+
+
+def assert_matches(sums, truth, edges, groups=None):
+    """Compare BinSums (raw per-bin gradient sums) and its statistics with the naive truth."""
+    stats = sums.to_stats()
+    for k in range(len(edges) - 1):
+        torch.testing.assert_close(sums.grad_sum[k], truth[(None, k)]["grad_sum"], rtol=1e-5, atol=1e-12)
+        assert stats.t_lo[k] == edges[k] and stats.t_hi[k] == edges[k + 1]
+        ref = truth[(None, k)]
+        assert int(stats.n[k]) == ref["n"]
+        for s in ("loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm"):
+            torch.testing.assert_close(getattr(stats, s)[k], ref[s].double(), rtol=1e-5, atol=1e-12, msg=s)
+        for g in groups or {}:
+            for s in ("grad_var", "grad_sqnorm", "mean_grad_sqnorm"):
+                torch.testing.assert_close(stats.groups[g][s][k], truth[(g, k)][s].double(), rtol=1e-5,
+                                           atol=1e-12, msg=f"{g} {s}")
+
+
+def force_gram(monkeypatch, policy):
+    """hooks: 'auto' size rule, or force the Gram trick / the materialised per-sample weight gradients."""
+    if policy != "auto":
+        monkeypatch.setattr(persample, "use_gram", lambda S, r, c: S > 1 and policy == "gram")
+
+
+EDGES = [0.0, 0.3, 0.5, 0.9, 1.0]
+
+
+@pytest.mark.parametrize("method,policy", [("hooks", "auto"), ("hooks", "gram"), ("hooks", "materialise"),
+                                           ("vmap", "auto"), ("loop", "auto")])
+def test_mlp_matches_naive_loop(method, policy, monkeypatch):
+    force_gram(monkeypatch, policy)
+    gen = torch.Generator().manual_seed(0)
+    model = VelocityMLP().double().train()
+    t = torch.cat([torch.rand(25, generator=gen, dtype=DT), torch.tensor([0.0, 0.3, 1.0, 0.9], dtype=DT)])
+    probe, lf = make_probe((2,), 29, gen, t), fm_loss(CFM(0.1))
+    groups = {"time": ["t_proj.weight", "t_proj.bias"], "head": ["net.7.weight"], "norm": ["net.2.weight"]}
+    truth = naive_stats(model, lf, probe, EDGES, groups)
+    sums = bin_sums(model, lf, probe, EDGES, method=method, chunk_size=7, groups=groups)
+    assert sums.method == method and model.training and model.net[4].training
+    assert_matches(sums, truth, EDGES, groups)
+
+
+@pytest.mark.parametrize("method,policy", [("auto", "auto"), ("auto", "gram"), ("auto", "materialise"),
+                                           ("vmap", "auto")])
+def test_conv_unet_matches_naive_loop(method, policy, monkeypatch):
+    force_gram(monkeypatch, policy)
+    gen = torch.Generator().manual_seed(1)
+    model = TinyUNet().double()
+    probe, lf = make_probe((1, 8, 8), 18, gen), fm_loss(CFM(0.2))
+    groups = param_groups(model, "layer")
+    truth = naive_stats(model, lf, probe, [0.0, 0.5, 1.0], groups)
+    sums = bin_sums(model, lf, probe, 2, method=method, chunk_size=5, groups="layer")
+    assert sums.method == ("hooks" if method == "auto" else "vmap")
+    assert set(sums.to_stats().groups) == set(groups) and len(groups) == 17
+    assert_matches(sums, truth, [0.0, 0.5, 1.0], groups)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 8), nn.Linear(8, 2)
+
+    def forward(self, x, t):
+        h = torch.tanh(self.a(x * t[:, None]))
+        return self.b(h) + self.b(torch.sin(h))          # self.b runs twice per forward
+
+
+class FunctionalReuse(CalledTwice):
+    def forward(self, x, t):                            # self.a's weight also used outside self.a
+        return self.b(torch.tanh(self.a(x))) + F.linear(x * t[:, None], self.a.weight.T[:2, :2])
+
+
+class WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(1, 4), nn.MultiheadAttention(4, 2, batch_first=True), \
+            nn.Linear(4, 1)
+
+    def forward(self, x, t):                            # x (b, 3) seen as 3 tokens
+        h = self.inp((x + t[:, None]).unsqueeze(-1))
+        return self.out(self.att(h, h, h, need_weights=False)[0]).squeeze(-1)
+
+
+class DataDependent(CalledTwice):
+    def forward(self, x, t):                            # .item() defeats vmap -> loop fallback
+        h = self.a(x * t[:, None])
+        return self.b(h if float(h.detach().abs().max()) < 1e6 else h * 0)
+
+
+class InPlace(CalledTwice):
+    def forward(self, x, t):                            # outputs modified in place after the layer: still exact
+        h = self.a(x * t[:, None])
+        h.mul_(1.5)
+        return F.silu(self.b(torch.tanh(h)), inplace=True)
+
+
+class MixesBatch(CalledTwice):
+    def forward(self, x, t):                            # only the single-sample check can see this
+        h = torch.tanh(self.a(x * t[:, None]))
+        return self.b(h + 0.5 * h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("cls,requested,used", [(CalledTwice, "hooks", "vmap"), (FunctionalReuse, "auto", "vmap"),
+                                                (WithMHA, "auto", "vmap"), (DataDependent, "vmap", "loop"),
+                                                (InPlace, "auto", "hooks"), (MixesBatch, "auto", "vmap")])
+def test_fallbacks_stay_exact(cls, requested, used):
+    """Structural problems are caught without the single-sample check (verify=False); MixesBatch needs it."""
+    gen = torch.Generator().manual_seed(2)
+    model = cls().double()
+    d = 3 if cls is WithMHA else 2
+    probe, lf = make_probe((d,), 12, gen), fm_loss(CFM(0.1))
+    truth = naive_stats(model, lf, probe, [0.0, 0.5, 1.0])
+    sums = bin_sums(model, lf, probe, 2, method=requested, chunk_size=5, verify=cls is MixesBatch)
+    assert sums.method == used
+    assert_matches(sums, truth, [0.0, 0.5, 1.0])
+
+
+def test_grads_untouched_and_modes_restored():
+    gen = torch.Generator().manual_seed(3)
+    model = VelocityMLP().double().train()
+    model.net[4].eval()                                  # a mixed-mode model keeps its mixed modes
+    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel):
+        p.grad = s.clone()
+    with torch.no_grad():                                # e.g. called from a validation hook
+        bin_sums(model, fm_loss(CFM(0.1)), make_probe((2,), 8, gen), 2)
+    assert model.training and not model.net[4].training and model.net[0].training
+    assert all(torch.equal(p.grad, s) for p, s in zip(model.parameters(), sentinel))
+
+
+# -------------------------------------------------------------------------------------- sums, merge, all-reduce
+def test_as_tensor_roundtrip_and_merge_equals_union():
+    gen = torch.Generator().manual_seed(4)
+    model = VelocityMLP().double()
+    probe, lf = make_probe((2,), 30, gen), fm_loss(CFM(0.1))
+    kw = dict(edges=[0.0, 0.2, 0.7, 1.0], groups="module", chunk_size=8)
+    whole = bin_sums(model, lf, probe, **kw)
+    a = bin_sums(model, lf, {k: v[:11] for k, v in probe.items()}, **kw)
+    b = bin_sums(model, lf, {k: v[11:] for k, v in probe.items()}, **kw)
+    flat = a.as_tensor()
+    assert flat.dim() == 1 and flat.dtype == torch.float64
+    back = a.from_tensor(flat)
+    for f in BinSums._FIELDS:
+        assert torch.equal(getattr(back, f), getattr(a, f))
+    reduced = a.from_tensor(a.as_tensor() + b.as_tensor())   # what an all-reduce SUM over two ranks gives
+    for merged in (a + b, a.merge(b), reduced):
+        for f in BinSums._FIELDS:
+            torch.testing.assert_close(getattr(merged, f), getattr(whole, f), rtol=1e-10, atol=1e-14)
+        s, w = merged.to_stats(), whole.to_stats()
+        torch.testing.assert_close(s.grad_var, w.grad_var, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(s.groups["net"]["grad_var"], w.groups["net"]["grad_var"], rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="expected"):
+        a.from_tensor(flat[:-1])
+    other = bin_sums(model, lf, probe, edges=3)
+    with pytest.raises(ValueError, match="edges"):
+        a + other
+
+
+# ------------------------------------------------------------------------------------ zero variance, bins, edges
+def test_zero_variance_when_every_sample_is_fit_exactly():
+    gen = torch.Generator().manual_seed(5)
+    model = VelocityMLP().double()
+    c = torch.tensor([0.5, -2.0], dtype=DT)
+    with torch.no_grad():
+        model.net[7].weight.zero_()
+        model.net[7].bias.copy_(c)                         # v = c = u for x1 = x0 + c, sigma = 0
+    x0 = torch.randint(-4, 5, (20, 2), generator=gen).to(DT)    # integers: u = x1 - x0 = c exactly
+    probe = {"x0": x0, "x1": x0 + c, "t": torch.rand(20, generator=gen, dtype=DT), "eps": torch.zeros(20, 2, dtype=DT)}
+    st = gradient_variance(model, fm_loss(Linear()), probe, 4)
+    assert st.method == "hooks" and st.n.sum() == 20
+    for s in ("loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm"):
+        assert torch.all(getattr(st, s)[st.n >= 2] == 0), s
+
+
+def test_zero_variance_with_identical_nonzero_gradients():
+    class BiasOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 2)
+
+        def forward(self, x, t):
+            return self.lin(torch.zeros_like(x[:, :1]))      # v = bias for every sample
+
+    model = BiasOnly().double()
+    x0 = torch.randn(16, 2, dtype=DT)
+    probe = {"x0": x0, "x1": x0 + 3.0, "t": torch.linspace(0, 1, 16, dtype=DT), "eps": torch.zeros(16, 2, dtype=DT)}
+    st = gradient_variance(model, fm_loss(Linear()), probe, 2)
+    assert torch.all(st.grad_sqnorm > 1) and torch.all(st.grad_var.abs() <= 1e-12 * st.grad_sqnorm)
+    torch.testing.assert_close(st.grad_sqnorm, st.mean_grad_sqnorm, rtol=1e-12, atol=0)
+
+
+def test_bin_edges_counts_and_rows():
+    torch.testing.assert_close(bin_edges(4), torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=DT))
+    t = torch.tensor([0.0, 0.1, 0.25, 0.3, 0.5, 0.99, 1.0, 1.0], dtype=torch.float32)
+    assert bin_index(t, bin_edges(4)).tolist() == [0, 0, 1, 1, 2, 3, 3, 3]
+    assert bin_index(t, bin_edges([0.1, 0.5, 0.99])).tolist() == [2, 0, 0, 0, 1, 1, 2, 2]  # 2 = dropped
+    t64 = torch.tensor(t.tolist(), dtype=DT).where(t != 0.99, torch.tensor(0.99, dtype=DT))
+    assert t.double()[5] > 0.99 and t64[5] == 0.99
+    assert bin_index(t64, bin_edges([0.1, 0.5, 0.99])).tolist() == [2, 0, 0, 0, 1, 1, 2, 2]
+    model = VelocityMLP().double()
+    probe = make_probe((2,), 8, torch.Generator().manual_seed(6), t64)
+    st = gradient_variance(model, fm_loss(CFM(0.1)), probe, [0.1, 0.5, 0.99])
+    assert st.n.tolist() == [3, 2] and st.t_lo.tolist() == [0.1, 0.5] and st.t_hi.tolist() == [0.5, 0.99]
+    assert not math.isnan(float(st.grad_var[1]))
+    st1 = gradient_variance(model, fm_loss(CFM(0.1)), probe, [0.0, 0.05, 0.2])
+    assert st1.n.tolist() == [1, 1] and bool(st1.grad_var.isnan().all())  # n < 2 -> NaN
+    rows = st.rows(step=12)
+    assert len(rows) == 2 and all(tuple(r) == COLUMNS for r in rows)
+    assert rows[1]["step"] == 12 and rows[1]["n"] == 2 and rows[0]["t_hi"] == 0.5
+    assert rows[0]["grad_var"] == float(st.grad_var[0]) and rows[0]["loss"] == float(st.loss[0])
+    st4 = gradient_variance(model, fm_loss(CFM(0.1)), probe, 4, groups="module")
+    assert st4.n.tolist() == [2, 2, 1, 3]
+    assert {r["group"] for r in st4.group_rows(0)} == {"x_proj", "t_proj", "net"}
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, [0.5, 0.2], [0.0, 0.5, 0.5], [0.0, 1.5], [-0.1, 0.5], [0.3],
+                                 [], ["a", "b"], [0.0, float("nan")]])
+def test_bad_edges_raise(bad):
+    with pytest.raises(ValueError, match=r"callbacks\.gradvar\.bins"):
+        bin_edges(bad)
+
+
+def test_stratified_times_fill_every_bin_equally():
+    for edges in (10, [0.0, 0.1, 0.7, 0.70001, 1.0]):
+        e = bin_edges(edges)
+        t = stratified_times(50, edges, torch.Generator().manual_seed(7))
+        assert t.dtype == torch.float32 and t.shape == (50 * (len(e) - 1),)
+        assert torch.bincount(bin_index(t, e), minlength=len(e)).tolist() == [50] * (len(e) - 1) + [0]
+
+
+# ----------------------------------------------------------------------------------------- micro-batch estimator
+class LinearField(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, t):
+        return self.lin(torch.cat([x, t[:, None]], 1))
+
+
+def test_microbatch_formula_exact():
+    torch.manual_seed(8)
+    model, lf = LinearField().double(), fm_loss(CFM(0.3))
+    batches = [make_probe((2,), 3, torch.Generator().manual_seed(100 + j)) for j in range(5)]
+    it = iter(batches)
+    st = microbatch_variance(model, lf, lambda m: next(it), n_micro=5, micro_size=3)
+    G = []
+    for bt in batches:                                   # each micro-batch's mean gradient, then m * unbiased var
+        G.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(lf(model, bt).mean(), list(model.parameters()))]))
+    G = torch.stack(G)
+    var = 3 * ((G - G.mean(0)) ** 2).sum() / 4
+    torch.testing.assert_close(st.grad_var, var.reshape(1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(st.mean_grad_sqnorm, (G.mean(0) ** 2).sum().reshape(1), rtol=1e-10, atol=0)
+    assert st.n.tolist() == [15] and st.method == "microbatch" and len(st.rows(0)) == 1
+    # micro_size 1 is exactly the per-sample estimator on the same samples
+    probe = make_probe((2,), 9, torch.Generator().manual_seed(9))
+    it1 = iter(range(9))
+    st1 = microbatch_variance(model, lf, lambda m: (lambda i: {k: v[i:i + 1] for k, v in probe.items()})(next(it1)),
+                              n_micro=9, micro_size=1)
+    ref = gradient_variance(model, lf, probe, [0.0, 1.0])
+    for s in ("grad_var", "grad_sqnorm", "mean_grad_sqnorm", "loss"):
+        torch.testing.assert_close(getattr(st1, s), getattr(ref, s), rtol=1e-10, atol=0, msg=s)
+
+
+def test_microbatch_matches_per_sample_in_expectation_and_sees_dependence():
+    torch.manual_seed(10)
+    model, lf = LinearField().double(), fm_loss(CFM(0.3))
+    gen = torch.Generator().manual_seed(11)
+
+    def iid(m, lo=0.0, hi=1.0):
+        return make_probe((2,), m, gen, lo + (hi - lo) * torch.rand(m, generator=gen, dtype=DT))
+
+    def copies(m):                                       # perfectly dependent batch: m copies of one sample
+        one = iid(1)
+        return {k: v.expand(m, *v.shape[1:]) for k, v in one.items()}
+
+    ref = gradient_variance(model, lf, iid(4000), [0.0, 0.5, 1.0])
+    micro = microbatch_variance(model, lf, iid, n_micro=400, micro_size=8, edges=[0.0, 0.5, 1.0])
+    torch.testing.assert_close(micro.grad_var, ref.grad_var, rtol=0.2, atol=0)
+    torch.testing.assert_close(micro.grad_sqnorm, ref.grad_sqnorm, rtol=0.2, atol=0)
+    torch.testing.assert_close(micro.loss, ref.loss, rtol=0.1, atol=0)
+    dep = microbatch_variance(model, lf, copies, n_micro=400, micro_size=8)
+    ratio = float(dep.grad_var[0] / gradient_variance(model, lf, iid(4000), 1).grad_var[0])
+    assert 8 * 0.75 < ratio < 8 * 1.25                   # dependence inflates it m-fold, as SGD would see
+    with pytest.raises(ValueError, match="outside the bin"):
+        microbatch_variance(model, lf, lambda m, lo, hi: iid(m), n_micro=2, micro_size=4, edges=4)
