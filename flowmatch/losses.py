@@ -31,3 +31,8 @@ def per_sample_loss(
 def regression_loss(v: Tensor, u: Tensor) -> Tensor:
     """(B,) per-sample (1/D) ||v_i - u_i||^2: the loss on precomputed (x_t, u_t) probes."""
     return (v - u).pow(2).flatten(1).mean(1)
+
+
+def probe_loss(model: Callable[[Tensor, Tensor], Tensor], batch: dict) -> Tensor:
+    """(B,) per-sample (1/D) ||v(x_t, t) - u_t||^2 on a probe with precomputed ``xt``, ``ut``, ``t``."""
+    return regression_loss(model(batch["xt"], batch["t"]), batch["ut"])

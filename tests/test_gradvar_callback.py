@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flowmatch import gradvar as gv
-from flowmatch.callbacks.gradvar import GradientVarianceCallback, probe_loss
+from flowmatch.callbacks.gradvar import GradientVarianceCallback
+from flowmatch.losses import probe_loss
 from flowmatch.couplings import FixedCoupling
 from flowmatch.data import GaussianDataModule
 from flowmatch.interpolants import CFM

@@ -26,15 +26,10 @@ import torch
 from torch import Tensor
 
 from flowmatch import gradvar as gv
-from flowmatch.losses import regression_loss
+from flowmatch.losses import probe_loss
 from flowmatch.sampling import Solver
 
 SOURCES = ("interpolant", "pairs", "integrated")
-
-
-def probe_loss(model, batch: dict) -> Tensor:
-    """Per-sample (1/D) ||v(x_t, t) - u_t||^2 on a probe with precomputed ``xt``, ``ut``, ``t``."""
-    return regression_loss(model(batch["xt"], batch["t"]), batch["ut"])
 
 
 class GradientVarianceCallback(L.Callback):
