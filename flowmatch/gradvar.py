@@ -9,7 +9,8 @@ samples outside [e_0, e_K] are ignored. For bin k with n_k samples (I_k their in
     grad_sqnorm_k      = (1/n_k) sum_{i in I_k} ||g_i||^2
     mean_grad_sqnorm_k = ||gbar_k||^2
     grad_var_k         = (sum_{i in I_k} ||g_i||^2 - n_k ||gbar_k||^2) / (n_k - 1)
-                       = trace of the unbiased sample covariance of the g_i    (NaN when n_k < 2)
+                       = trace of the unbiased sample covariance of the g_i    (NaN when n_k < 2;
+                                                          the other statistics are NaN for an empty bin)
 
 Only the sufficient statistics n_k, sum l_i, sum ||g_i||^2 and sum g_i (K x P) are accumulated, streaming over
 chunks of the probe (:class:`BinSums`), so memory is O(K P + chunk cost) and sums from several processes add up
@@ -19,8 +20,9 @@ restricted to the group's parameters. Per-sample gradients are exact (:mod:`flow
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +40,10 @@ def bin_edges(bins) -> Tensor:
     """Edges (K+1,) float64: ``K`` equal bins of [0, 1] for an int, else the given strictly increasing edges."""
     if isinstance(bins, Tensor):
         bins = bins.tolist()
-    if isinstance(bins, bool) or isinstance(bins, float) and not bins.is_integer():
+    if isinstance(bins, (bool, str)) or isinstance(bins, numbers.Number) and (
+            not float(bins).is_integer() or int(bins) < 1):
         raise ValueError(f"{_KEY} must be a bin count >= 1 or a list of edges in [0, 1], got {bins!r}")
-    if isinstance(bins, (int, float)):
-        if int(bins) < 1:
-            raise ValueError(f"{_KEY} must be a bin count >= 1 or a list of edges in [0, 1], got {bins!r}")
+    if isinstance(bins, numbers.Number):
         return torch.linspace(0.0, 1.0, int(bins) + 1, dtype=torch.float64)
     try:
         e = torch.tensor([float(v) for v in bins], dtype=torch.float64)
@@ -73,11 +74,10 @@ def stratified_times(n_per_bin: int, edges, generator: torch.Generator | None = 
     K = e.numel() - 1
     u = torch.rand(K, int(n_per_bin), generator=generator, dtype=torch.float64)
     t64 = e[:-1, None] + (e[1:] - e[:-1])[:, None] * u
-    t = t64.to(dtype).reshape(-1)
-    bad = bin_index(t, e) != torch.arange(K).repeat_interleave(int(n_per_bin))  # rounding onto an edge
+    t, want = t64.to(dtype).reshape(-1), torch.arange(K).repeat_interleave(int(n_per_bin))
     mid = ((e[:-1] + e[1:]) / 2)[:, None].expand(K, int(n_per_bin)).reshape(-1).to(dtype)
-    t = torch.where(bad, mid, t)
-    if bool((bin_index(t, e) != torch.arange(K).repeat_interleave(int(n_per_bin))).any()):
+    t = torch.where(bin_index(t, e) != want, mid, t)  # a value rounded onto an edge moves to the bin's middle
+    if bool((bin_index(t, e) != want).any()):
         raise ValueError(f"{_KEY}: bins {e.tolist()} are too narrow to hold times of dtype {dtype}")
     return t.to(device)
 
@@ -258,7 +258,13 @@ def bin_sums(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor], pro
     trainable parameter is in a supported layer, else vmap). If an engine cannot handle the model it falls back
     hooks -> vmap -> loop (logged; ``result.method`` names the engine used). The model runs in eval mode (its
     modes are restored) and no ``.grad`` is touched. ``groups``: None, "module", "layer" or {name: [param
-    names]}.
+    names]}. ``verify`` (hooks): check the first sample against a direct backward on it alone.
+
+    The probe is reordered by bin and processed ``chunk_size`` samples at a time. Memory: K x P accumulators
+    plus, per chunk, about a training step's activations (hooks; Conv layers add chunk x weight-size per layer
+    while it is processed), chunk x P per-sample gradients (vmap), or one sample's graph (loop). Under DDP call
+    it on the bare module of every rank with that rank's probe shard, all-reduce ``as_tensor()`` (SUM) and read
+    it back with ``from_tensor``: the result equals one process on the union probe.
     """
     if method not in ("auto", "hooks", "vmap", "loop"):
         raise ValueError(f"method must be 'auto', 'hooks', 'vmap' or 'loop', got {method!r}")
@@ -303,7 +309,7 @@ def _accumulate(engine, name, model, loss_fn, probe, e, chunk_size, params, layo
     order = torch.argsort(bins, stable=True)[: int((bins < K).sum())]
     probe = {k: v[order.to(v.device)] for k, v in probe.items()}
     bins = bins[order].tolist()
-    if out.grad_flat.dtype in dtypes:  # one parameter dtype: accumulate in place in BinSums' own storage
+    if len(dtypes) <= 1:  # one parameter dtype: accumulate in place in BinSums' own storage
         acc = {n: b.view(K, *p.shape) for (n, b), p in zip(out.blocks().items(), params.values())}
     else:
         acc = {n: torch.zeros((K, *p.shape), dtype=p.dtype, device=p.device) for n, p in params.items()}
@@ -323,7 +329,7 @@ def _accumulate(engine, name, model, loss_fn, probe, e, chunk_size, params, layo
         if group_idx:
             out.group_sqnorm_sum.index_add_(0, kb, torch.stack([sum((sqs[m] for m in ms), zero)
                                                                 for ms in group_idx], 1))
-    if out.grad_flat.dtype not in dtypes:
+    if len(dtypes) > 1:
         for (n, block) in out.blocks().items():
             block.copy_(acc[n].reshape(K, -1))
     return out
@@ -372,7 +378,7 @@ def microbatch_variance(model: nn.Module, loss_fn: Callable[[nn.Module, dict], T
             for _ in range(M):
                 batch = sample_batch(m) if e is None else sample_batch(m, lo, hi)
                 t = batch.get("t")
-                if e is not None and t is not None and bool(((t < lo) | (t > hi)).any()):
+                if e is not None and t is not None and bool(bin_index(t, torch.tensor([lo, hi])).any()):
                     raise ValueError(f"sample_batch(m, {lo}, {hi}) returned times outside the bin")
                 losses = loss_fn(model, batch)
                 if losses.shape != (m,):

@@ -18,11 +18,14 @@ No engine touches ``p.grad``: all use ``torch.autograd.grad`` or ``torch.func``.
   and (tensor hook) the output gradient delta, from which the per-sample gradients follow exactly:
   Linear ``g_i = sum_s delta_is a_is^T`` with ``||g_i||^2 = sum_{s,s'} (delta_s . delta_s')(a_s . a_s')``
   (Gram trick, used when the S x S Gram matrix is smaller than the weight), Conv1d/Conv2d by the weight gradient
-  of a convolution with ``groups = b * groups`` (samples side by side as channel groups), LayerNorm/GroupNorm ``g_gamma = sum delta * xhat``, ``g_beta = sum delta``, Embedding by
-  scattering delta into the looked-up rows. Requires that every trainable parameter belongs to exactly one such
-  layer, that each layer is called at most once per forward on a batch-first input, and that no parameter is used
-  outside its layer; violations are detected (call counts, autograd-graph use counts, and one direct backward on
-  the first sample) and raise :class:`HooksUnsupported` so the caller can fall back to ``vmap``.
+  of a convolution with ``groups = b * groups`` (samples side by side as channel groups), LayerNorm/GroupNorm
+  ``g_gamma = sum delta * xhat``, ``g_beta = sum delta``, Embedding by scattering delta into the looked-up rows.
+  Each layer is processed inside its output-gradient hook (so nothing outlives an ordinary backward), the
+  backward stops at the lowest hooked outputs (no weight gradients), and the per-bin sums are formed on the fly
+  (one matmul per run of equal bins for a Linear). Requires that every trainable parameter belongs to exactly
+  one such layer, that each layer is called at most once per forward on a batch-first input, and that no
+  parameter is used outside its layer; violations are detected (call counts, autograd-graph use counts, and one
+  direct backward on the first sample) and raise :class:`HooksUnsupported` so the caller falls back to ``vmap``.
 """
 from __future__ import annotations
 
@@ -195,8 +198,9 @@ def _linear_weight(a: Tensor, d: Tensor, kb: Tensor, segs: list, acc: Tensor) ->
         g = torch.bmm(d.transpose(1, 2), a)
         acc.index_add_(0, kb, g)
         return _sqnorm(g)
+    d2, a2 = d.reshape(b, S * o), a.reshape(b, S * i)
     for k, s, e in segs:
-        acc[k].addmm_(d[s:e].reshape(-1, o).T, a[s:e].reshape(-1, i))
+        acc[k].addmm_(d2[s:e].view(-1, o).T, a2[s:e].view(-1, i))
     return sq
 
 
@@ -255,8 +259,7 @@ def _layer_grads(m: nn.Module, x: Tensor, d: Tensor, kb: Tensor, segs: list, acc
         else:
             rows = (torch.arange(b, device=idx.device)[:, None] * N + idx).reshape(-1)
             sq = dd.new_zeros(b * N, D).index_add_(0, rows, dd.reshape(-1, D)).reshape(b, -1).pow(2).sum(1)
-        acc["weight"].view(-1, D).index_add_(0, (kb[:, None] * N + idx).reshape(-1),
-                                             dd.reshape(-1, D))
+        acc["weight"].view(-1, D).index_add_(0, (kb[:, None] * N + idx).reshape(-1), dd.reshape(-1, D))
         return {"weight": sq}
     if "bias" in acc:
         acc["bias"].index_add_(0, kb, gb)
@@ -277,9 +280,8 @@ class HooksEngine:
         """Tensor hook on a layer's output: turn (input, output gradient) into per-sample results at once, so
         neither is kept alive longer than in an ordinary backward."""
         kb, segs, acc, sq = self._ctx
-        names = self.plan[m]
-        with torch.no_grad():
-            got = _layer_grads(m, rec.x.detach(), delta, kb, segs, {a: acc[n] for a, n in names.items()})
+        names = self.plan[m]  # hooks run under the backward's grad mode (create_graph=False: no graph)
+        got = _layer_grads(m, rec.x.detach(), delta, kb, segs, {a: acc[n] for a, n in names.items()})
         sq.update({names[a]: v for a, v in got.items()})
         rec.x = rec.out = None
 
@@ -319,9 +321,10 @@ class HooksEngine:
             self.verify = False
             gs = torch.autograd.grad(loss_fn(model, slice_chunk(chunk, 0, 1)).sum(), list(params.values()),
                                      allow_unused=True)
-            ref = sum(float(g.double().pow(2).sum()) for g in gs if g is not None)
-            got = sum(float(s[0]) for s in sq.values())
-            scale = sum(float(s.double().mean()) for s in sq.values())
+            flat = torch.cat([g.reshape(-1) for g in gs if g is not None] + [losses.new_zeros(1)])
+            ref = float(torch.linalg.vector_norm(flat, dtype=torch.float64)) ** 2
+            per = torch.stack([s.double() for s in sq.values()]) if sq else torch.zeros(1, b, dtype=torch.float64)
+            got, scale = float(per[:, 0].sum()), float(per.mean(1).sum())
             if abs(got - ref) > 1e-3 * max(abs(got), abs(ref)) + 1e-7 * scale:
                 raise HooksUnsupported(f"hooks ||g_0||^2 = {got:.6g} but a direct backward gives {ref:.6g} "
                                        "(the model mixes samples or uses a layer in an unsupported way)")

@@ -117,19 +117,20 @@ def naive_stats(model, loss_fn, probe, edges, groups=None):
     return out
 
 
-def assert_matches(sums, truth, edges, groups=None):
+def assert_matches(sums, truth, edges, groups=None, rtol=1e-5):
     """Compare BinSums (raw per-bin gradient sums) and its statistics with the naive truth."""
     stats = sums.to_stats()
     for k in range(len(edges) - 1):
-        torch.testing.assert_close(sums.grad_sum[k], truth[(None, k)]["grad_sum"], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(sums.grad_sum[k].double(), truth[(None, k)]["grad_sum"], rtol=rtol,
+                                   atol=rtol * 1e-4)
         assert stats.t_lo[k] == edges[k] and stats.t_hi[k] == edges[k + 1]
         ref = truth[(None, k)]
         assert int(stats.n[k]) == ref["n"]
         for s in ("loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm"):
-            torch.testing.assert_close(getattr(stats, s)[k], ref[s].double(), rtol=1e-5, atol=1e-12, msg=s)
+            torch.testing.assert_close(getattr(stats, s)[k], ref[s].double(), rtol=rtol, atol=1e-12, msg=s)
         for g in groups or {}:
             for s in ("grad_var", "grad_sqnorm", "mean_grad_sqnorm"):
-                torch.testing.assert_close(stats.groups[g][s][k], truth[(g, k)][s].double(), rtol=1e-5,
+                torch.testing.assert_close(stats.groups[g][s][k], truth[(g, k)][s].double(), rtol=rtol,
                                            atol=1e-12, msg=f"{g} {s}")
 
 
@@ -172,6 +173,26 @@ def test_conv_unet_matches_naive_loop(method, policy, monkeypatch):
     assert_matches(sums, truth, [0.0, 0.5, 1.0], groups)
 
 
+def test_repo_unet_and_mlp_use_hooks_and_match_naive_loop():
+    """The project's own velocity nets (float32; UNet with dropout, Conv1d qkv, SDPA attention)."""
+    unet_mod = pytest.importorskip("flowmatch.models.unet")
+    mlp_mod = pytest.importorskip("flowmatch.models.mlp")
+    torch.manual_seed(12)
+    cases = [(unet_mod.UNet(1, 8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                            attention_resolutions=(4,), dropout=0.1, num_heads=2, num_groups=4), (1, 8, 8)),
+             (mlp_mod.MLP(3, width=32, depth=2), (3,))]
+    for model, shape in cases:
+        for p in model.parameters():                     # leave the zero-initialised layers of the UNet
+            p.data.add_(0.05 * torch.randn_like(p))
+        gen = torch.Generator().manual_seed(13)
+        probe = {k: v.float() for k, v in make_probe(shape, 10, gen).items()}
+        lf = fm_loss(CFM(0.1))
+        truth = naive_stats(model, lf, probe, [0.0, 0.5, 1.0])
+        sums = bin_sums(model, lf, probe, 2, chunk_size=4)
+        assert sums.method == "hooks" and model.training
+        assert_matches(sums, truth, [0.0, 0.5, 1.0], rtol=2e-3)
+
+
 class CalledTwice(nn.Module):
     def __init__(self):
         super().__init__()
@@ -198,6 +219,24 @@ class WithMHA(nn.Module):
         return self.out(self.att(h, h, h, need_weights=False)[0]).squeeze(-1)
 
 
+class WithBatchNorm(CalledTwice):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x, t):                            # no hook rule -> vmap; eval mode -> running stats
+        return self.b(torch.tanh(self.bn(self.a(x * t[:, None]))))
+
+
+class MixedDtype(CalledTwice):
+    def __init__(self):
+        super().__init__()
+        self.b.float()                                  # float64 first layer, float32 head
+
+    def forward(self, x, t):
+        return self.b(torch.tanh(self.a(x * t[:, None])).float()).double()
+
+
 class DataDependent(CalledTwice):
     def forward(self, x, t):                            # .item() defeats vmap -> loop fallback
         h = self.a(x * t[:, None])
@@ -219,17 +258,37 @@ class MixesBatch(CalledTwice):
 
 @pytest.mark.parametrize("cls,requested,used", [(CalledTwice, "hooks", "vmap"), (FunctionalReuse, "auto", "vmap"),
                                                 (WithMHA, "auto", "vmap"), (DataDependent, "vmap", "loop"),
-                                                (InPlace, "auto", "hooks"), (MixesBatch, "auto", "vmap")])
+                                                (InPlace, "auto", "hooks"), (MixesBatch, "auto", "vmap"),
+                                                (WithBatchNorm, "auto", "vmap"), (MixedDtype, "auto", "hooks"),
+                                                (InPlace, "vmap", "vmap")])
 def test_fallbacks_stay_exact(cls, requested, used):
     """Structural problems are caught without the single-sample check (verify=False); MixesBatch needs it."""
     gen = torch.Generator().manual_seed(2)
     model = cls().double()
+    if cls is MixedDtype:
+        model.b.float()
+    if cls is WithBatchNorm:
+        model.bn.running_mean.uniform_(-1, 1)
+        model.train()
+    stats_before = [b.clone() for b in model.buffers()]
     d = 3 if cls is WithMHA else 2
     probe, lf = make_probe((d,), 12, gen), fm_loss(CFM(0.1))
     truth = naive_stats(model, lf, probe, [0.0, 0.5, 1.0])
     sums = bin_sums(model, lf, probe, 2, method=requested, chunk_size=5, verify=cls is MixesBatch)
     assert sums.method == used
-    assert_matches(sums, truth, [0.0, 0.5, 1.0])
+    tol = 1e-4 if cls is MixedDtype else 1e-5
+    assert_matches(sums, truth, [0.0, 0.5, 1.0], rtol=tol)
+    assert all(torch.equal(a, b) for a, b in zip(stats_before, model.buffers()))  # running stats untouched
+
+
+def test_random_forward_falls_back_to_loop():
+    class Noisy(CalledTwice):
+        def forward(self, x, t):                        # randomness even in eval mode: vmap refuses it
+            return self.b(torch.tanh(self.a(x * t[:, None]))) + 0.01 * torch.randn_like(x)
+
+    sums = bin_sums(Noisy().double(), fm_loss(CFM(0.1)), make_probe((2,), 6, torch.Generator().manual_seed(14)), 2,
+                    method="vmap")
+    assert sums.method == "loop" and int(sums.n.sum()) == 6
 
 
 def test_grads_untouched_and_modes_restored():
@@ -330,7 +389,14 @@ def test_bin_edges_counts_and_rows():
     assert {r["group"] for r in st4.group_rows(0)} == {"x_proj", "t_proj", "net"}
 
 
-@pytest.mark.parametrize("bad", [0, -3, True, 2.5, [0.5, 0.2], [0.0, 0.5, 0.5], [0.0, 1.5], [-0.1, 0.5], [0.3],
+def test_bin_edges_accepts_numpy_and_tensors():
+    np = pytest.importorskip("numpy")
+    assert bin_edges(np.int64(5)).tolist() == bin_edges(5).tolist()
+    assert bin_edges(torch.tensor([0.0, 0.4, 1.0])).tolist() == [0.0, pytest.approx(0.4), 1.0]
+    assert bin_edges(np.array([0.0, 0.5])).tolist() == [0.0, 0.5]
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "10", [0.5, 0.2], [0.0, 0.5, 0.5], [0.0, 1.5], [-0.1, 0.5], [0.3],
                                  [], ["a", "b"], [0.0, float("nan")]])
 def test_bad_edges_raise(bad):
     with pytest.raises(ValueError, match=r"callbacks\.gradvar\.bins"):
@@ -363,7 +429,8 @@ def test_microbatch_formula_exact():
     st = microbatch_variance(model, lf, lambda m: next(it), n_micro=5, micro_size=3)
     G = []
     for bt in batches:                                   # each micro-batch's mean gradient, then m * unbiased var
-        G.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(lf(model, bt).mean(), list(model.parameters()))]))
+        gs = torch.autograd.grad(lf(model, bt).mean(), list(model.parameters()))
+        G.append(torch.cat([g.reshape(-1) for g in gs]))
     G = torch.stack(G)
     var = 3 * ((G - G.mean(0)) ** 2).sum() / 4
     torch.testing.assert_close(st.grad_var, var.reshape(1), rtol=1e-10, atol=0)
