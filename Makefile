@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 OUT     ?= outputs/demo
 export WANDB_MODE ?= offline
 
-.PHONY: help install demo test test-fast test-slow benchmark clean
+.PHONY: help install demo test test-fast test-slow benchmark gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -37,6 +37,9 @@ test-slow: install  ## the slow tests only (DDP, sweeps)
 benchmark: install  ## Lightning-vs-bare-loop and gradient-variance cost ratios
 	$(BIN)/python benchmarks/training_loop.py
 	$(BIN)/python benchmarks/gradvar_cost.py
+
+gpu-check: install  ## GPU: train unet_cifar on synthetic CIFAR-shaped tensors, print steps/s (scripts/gpu_check.sh)
+	PY=$(BIN)/python scripts/gpu_check.sh
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf outputs multirun

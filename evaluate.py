@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flowmatch.entry import build, fail, preflight, set_threads, user_errors, write_json
+from flowmatch.entry import build, eval_options, fail, preflight, set_threads, user_errors, write_json
 from flowmatch.evaluation import evaluate_flow
 
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -51,13 +51,16 @@ def main(cfg: DictConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     run_cfg, datamodule, module, solver = load_checkpoint(cfg)
+    with user_errors():
+        eval_kwargs = eval_options(cfg.eval)
     module.to(device).eval()
     if cfg.task == "reflow_pairs":
         return reflow_pairs(cfg, datamodule, module, solver, device, run_dir)
     result = evaluate_flow(module.velocity, datamodule.eval_setup(), solver, euler_steps=cfg.eval.euler_steps,
                            n_fresh=cfg.eval.n_fresh, seed=cfg.eval.seed,
-                           keep_trajectories=cfg.eval.keep_trajectories, device=device)
-    metrics = {**result.metrics, "protocol/solver": solver.tag, "protocol/ckpt_path": str(cfg.ckpt_path)}
+                           keep_trajectories=cfg.eval.keep_trajectories, device=device, **eval_kwargs)
+    metrics = {**result.metrics, **result.protocol, "protocol/solver": solver.tag,
+               "protocol/ckpt_path": str(cfg.ckpt_path), "protocol/ema": str(module.sampling_model is not None).lower()}
     write_json(run_dir / "metrics.json", metrics)
     print(f"flowmatch: wrote {run_dir / 'metrics.json'}")
     return metrics

@@ -123,6 +123,28 @@ def build(cfg: DictConfig):
     return datamodule, module, solver
 
 
+def eval_options(eval_cfg: DictConfig) -> dict:
+    """Keyword arguments of ``evaluate_flow`` beyond the basic ones, from ``cfg.eval`` (absent keys: defaults).
+
+    ``feature_extractor``: null / "inception" (Inception-v3) or a ``{_target_: ...}`` config of an
+    ``nn.Module`` mapping (N, C, H, W) images in [-1, 1] to (N, F) features.
+    """
+    fe = eval_cfg.get("feature_extractor")
+    if isinstance(fe, DictConfig):
+        fe = instantiate(fe)
+    elif fe is not None and fe != "inception":
+        raise ValueError(f"eval.feature_extractor must be null, inception or a {{_target_: ...}} config, got {fe!r}")
+    split = eval_cfg.get("fid_split", "train")
+    if split not in ("train", "test"):
+        raise ValueError(f"eval.fid_split must be one of ['train', 'test'], got {split!r}")
+    fid_kwargs = {"inception_weights": eval_cfg.get("inception_weights"),
+                  "kid_subsets": int(eval_cfg.get("kid_subsets", 100)),
+                  "kid_subset_size": int(eval_cfg.get("kid_subset_size", 1000))}
+    return {"batch_size": eval_cfg.get("batch_size"), "w2_max_dim": int(eval_cfg.get("w2_max_dim", 4096)),
+            "fid": bool(eval_cfg.get("fid", False)), "feature_extractor": fe, "fid_split": split,
+            "fid_kwargs": fid_kwargs}
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write ``data`` as one flat JSON object (atomic: a partial file never replaces a good one)."""
     tmp = Path(f"{path}.tmp")

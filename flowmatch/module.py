@@ -1,6 +1,7 @@
 """The LightningModule: flow-matching regression of v_theta(x_t, t) onto the interpolant's u_t."""
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import lightning as L
@@ -18,15 +19,58 @@ class FlowMatchingModule(L.LightningModule):
     minimises the batch mean of l_i = (1/D) ||v(x_t, t) - u_t||^2. ``optimizer`` and
     ``scheduler`` are partials (Hydra ``_partial_``) taking the parameters / the optimizer;
     the scheduler is stepped every optimizer step.
+
+    ``sampling_model``: the network used by :meth:`velocity` (sampling, evaluation, validation
+    loss); the EMA callback sets it to its averaged copy. It is *not* a registered submodule (not
+    in ``state_dict``/``parameters``; the EMA callback checkpoints it) but moves with ``.to()``.
+    ``compile``: train through ``torch.compile(model)`` (built at the first training step; the
+    parameters and ``state_dict`` keys stay those of ``model``). Off by default.
     """
 
     def __init__(self, model: nn.Module, interpolant: Interpolant, optimizer: Callable,
-                 scheduler: Callable | None = None, log_every_n_steps: int = 50) -> None:
+                 scheduler: Callable | None = None, log_every_n_steps: int = 50, compile: bool = False) -> None:
         super().__init__()
         self.model, self.interpolant = model, interpolant
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.log_every = max(1, int(log_every_n_steps))
+        self.compile_model = bool(compile)
         self.sampling_model: nn.Module | None = None  # set by EMA to sample with averaged weights
+        self._compiled: nn.Module | None = None
+
+    # Plain attributes that bypass nn.Module.__setattr__: the EMA copy and the compiled wrapper must not
+    # register as submodules, and Lightning sets ``_current_fx_name`` ~40 times per step, where the
+    # generic path costs ~6% of a small-MLP training step (benchmarks/training_loop.py).
+    _PLAIN_ATTRIBUTES = frozenset({"sampling_model", "_compiled", "_current_fx_name"})
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.sampling_model is not None and self.sampling_model is not self.model:
+            self.sampling_model._apply(fn, *args, **kwargs)
+        return self
+
+    def train_model(self) -> nn.Module:
+        """The network the training step calls: ``model``, or its ``torch.compile`` wrapper."""
+        if not self.compile_model:
+            return self.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model)
+        return self._compiled
+
+    def load_ema_from_checkpoint(self, ckpt: dict) -> bool:
+        """Sample with the EMA weights stored in a checkpoint by the EMA callback; False if it has none."""
+        for state in (ckpt.get("callbacks") or {}).values():
+            if isinstance(state, dict) and "ema_state_dict" in state:
+                ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+                ema.load_state_dict(state["ema_state_dict"])
+                self.sampling_model = ema.to(self.device)
+                return True
+        return False
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.model(x, t)
@@ -36,7 +80,7 @@ class FlowMatchingModule(L.LightningModule):
         return self.velocity_model()(x, t)
 
     def velocity_model(self) -> nn.Module:
-        return self.sampling_model or self.model
+        return self.sampling_model if self.sampling_model is not None else self.model
 
     def draw_t_eps(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         """t ~ U(0, 1) per sample and eps ~ N(0, I) shaped like x0 (zeros when sigma = 0)."""
@@ -45,7 +89,7 @@ class FlowMatchingModule(L.LightningModule):
 
     def per_sample_loss(self, x0: Tensor, x1: Tensor, t: Tensor, eps: Tensor, model: nn.Module | None = None) -> Tensor:
         """(B,) per-sample losses l_i at the given (x0, x1, t, eps); reused by the callbacks."""
-        return per_sample_loss(model or self.model, self.interpolant, x0, x1, t, eps)
+        return per_sample_loss(model if model is not None else self.model, self.interpolant, x0, x1, t, eps)
 
     def probe_loss_fn(self) -> Callable[[nn.Module, dict], Tensor]:
         """``loss_fn(model, batch)`` for :mod:`flowmatch.gradvar` probes (keys x0, x1, t, eps)."""
@@ -59,7 +103,7 @@ class FlowMatchingModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0, x1 = batch
         t, eps = self.draw_t_eps(x0)
-        loss = self.per_sample_loss(x0, x1, t, eps).mean()
+        loss = self.per_sample_loss(x0, x1, t, eps, self.train_model()).mean()
         # Logging every step costs more than a small MLP step; log at the logger's cadence.
         if self.global_step % self.log_every == 0:
             self.log("train/loss", loss.detach(), prog_bar=True)

@@ -56,16 +56,21 @@ class FlowDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(PairStream(self.coupling, self.batch_size, self.seed + 1000 * self._rank()), batch_size=None)
 
-    def _held_out(self, n: int, offset: int) -> DataLoader:
+    def held_out_pairs(self, n: int, generator: torch.Generator, split: str) -> tuple:
+        """``n`` fixed pairs for ``split`` ("val" or "test"); default: drawn from the coupling.
+        Image data sets override this to pair their held-out split with fresh noise."""
+        return self.coupling.sample(n, generator)
+
+    def _held_out(self, n: int, offset: int, split: str) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed + offset)
-        x0, x1 = self.coupling.sample(n, g)
+        x0, x1 = self.held_out_pairs(n, g, split)
         return DataLoader(TensorDataset(x0, x1), batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._held_out(self.val_size, 10_007)
+        return self._held_out(self.val_size, 10_007, "val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._held_out(self.test_size, 20_011)
+        return self._held_out(self.test_size, 20_011, "test")
 
     def state_dict(self) -> dict:
         return {"coupling": self.coupling.state_dict()}

@@ -1,0 +1,51 @@
+"""Training throughput: steps/s and samples/s after ``warmup_steps`` (``callbacks=throughput``).
+
+Times the optimizer steps from the end of step ``warmup_steps`` (compilation, cuDNN autotuning and the
+first allocations are excluded) to the end of training, synchronising CUDA before reading the clock:
+steps/s = (N - warmup) / (t_N - t_warmup), samples/s = steps/s * batch size (per process). Prints one line
+``flowmatch: throughput ...`` and writes ``throughput.json`` into the run dir (global rank 0).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+__all__ = ["Throughput"]
+
+
+class Throughput(L.Callback):
+    def __init__(self, warmup_steps: int = 20) -> None:
+        self.warmup = max(0, int(warmup_steps))
+        self.t0: float | None = None
+        self.step0 = 0
+        self.batch_size = 0
+        self.result: dict | None = None
+
+    def _now(self, pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.batch_size = len(batch[0])
+        if self.t0 is None and trainer.global_step >= self.warmup:
+            self.t0, self.step0 = self._now(pl_module), trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.t0 is None or trainer.global_step <= self.step0:
+            print(f"flowmatch: throughput not measured ({trainer.global_step} steps <= warmup {self.warmup})")
+            return
+        dt, n = self._now(pl_module) - self.t0, trainer.global_step - self.step0
+        self.result = {"steps": n, "seconds": dt, "steps_per_s": n / dt, "samples_per_s": n * self.batch_size / dt,
+                       "batch_size": self.batch_size, "device": str(pl_module.device),
+                       "precision": str(trainer.precision)}
+        if trainer.is_global_zero:
+            print(f"flowmatch: throughput {n / dt:.2f} steps/s, {n * self.batch_size / dt:.1f} samples/s "
+                  f"({n} steps after {self.step0} warm-up steps, batch {self.batch_size}, {pl_module.device}, "
+                  f"precision {trainer.precision})")
+            Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
+            (Path(trainer.default_root_dir) / "throughput.json").write_text(json.dumps(self.result, indent=2) + "\n")
