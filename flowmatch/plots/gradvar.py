@@ -95,6 +95,27 @@ def plot_profiles(runs: list[Path], labels: list[str], out: Path) -> Path:
     return out
 
 
+def plot_field_table(rows: list[dict], out: Path, title: str = "") -> Path:
+    """Per-bin gradient variance and loss: Monte Carlo mean +- std over seeds against the closed form."""
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    exact = [r for r in rows if r["seed"] == "exact"]
+    mid = np.array([(r["t_lo"] + r["t_hi"]) / 2 for r in exact])
+    for a, col in zip(ax, ("grad_var", "loss")):
+        mc = np.array([[r[col] for r in rows if r["seed"] == s] for s in sorted({r["seed"] for r in rows} - {"exact"})])
+        a.errorbar(mid, mc.mean(0), yerr=mc.std(0), fmt="o", capsize=3, label=f"Monte Carlo ({len(mc)} seeds)")
+        a.plot(mid, [r[col] for r in exact], "-", color="k", lw=1, label="closed form")
+        if np.nanmax(np.abs(mc)) > 1e-8:
+            a.set_yscale("log")
+        a.set(xlabel="t (bin centre)", ylabel=col.replace("_", " "))
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+")
