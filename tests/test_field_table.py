@@ -44,7 +44,8 @@ def test_evaluate_task_writes_table_and_figure(tmp_path):
     run_entry("evaluate.py", "task=gradvar_field", "field=rot", "field.angle=90", "gradvar_field.coupling=rotated",
               "gradvar_field.bins=4", "gradvar_field.n_per_bin=20", "gradvar_field.seeds=[0,1]",
               f"hydra.run.dir={tmp_path}")
-    rows = list(csv.DictReader((tmp_path / "gradvar_field.csv").open()))
+    with (tmp_path / "gradvar_field.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == 3 * 4 and {r["seed"] for r in rows} == {"0", "1", "exact"}
     assert max(float(r["grad_var"]) for r in rows) <= 1e-10  # Prop. 1: pair-optimal field, sigma = 0
     assert (tmp_path / "gradvar_field.png").stat().st_size > 1000
