@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from flowmatch.persample import HooksEngine, HooksUnsupported, loop_engine, slice_chunk, vmap_engine
 
 __all__ = ["bin_edges", "bin_index", "stratified_times", "param_groups", "BinSums", "GradVarStats",
-           "bin_sums", "gradient_variance", "microbatch_variance", "COLUMNS"]
+           "bin_sums", "gradient_variance", "COLUMNS"]
 log = logging.getLogger(__name__)
 COLUMNS = ("step", "t_lo", "t_hi", "n", "loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm")
 _KEY = "callbacks.gradvar.bins"
@@ -234,7 +234,7 @@ def _resolve_groups(model: nn.Module, params: dict, groups) -> tuple:
     return tuple(out)
 
 
-class _TrainModeGuard:
+class TrainModeGuard:
     """model.eval() for the probe (dropout off, BatchNorm on running stats), restoring every module's mode."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -279,7 +279,7 @@ def bin_sums(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor], pro
     layout = _Layout(tuple(params), tuple(p.numel() for p in params.values()),
                      _resolve_groups(model, params, groups))
     order = ["hooks", "vmap", "loop"][["hooks", "vmap", "loop"].index(method if method != "auto" else "hooks"):]
-    with _TrainModeGuard(model), torch.enable_grad():
+    with TrainModeGuard(model), torch.enable_grad():
         for i, name in enumerate(order):
             try:
                 if name == "hooks":
@@ -338,63 +338,3 @@ def _accumulate(engine, name, model, loss_fn, probe, e, chunk_size, params, layo
 def gradient_variance(model: nn.Module, loss_fn, probe: dict[str, Tensor], edges, **kw) -> GradVarStats:
     """``bin_sums(model, loss_fn, probe, edges, **kw).to_stats()``."""
     return bin_sums(model, loss_fn, probe, edges, **kw).to_stats()
-
-
-def microbatch_variance(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor],
-                        sample_batch: Callable[..., dict], n_micro: int, micro_size: int,
-                        edges=None) -> GradVarStats:
-    """Micro-batch estimator of the per-sample gradient variance, for couplings whose samples are dependent
-    inside a batch (minibatch OT, or anything computed jointly on a batch).
-
-    Draws M = ``n_micro`` independent micro-batches of size m = ``micro_size`` (``sample_batch(m)``, or
-    ``sample_batch(m, t_lo, t_hi)`` per bin when ``edges`` is given: the callee must then draw times in
-    [t_lo, t_hi]; a "t" entry outside is rejected), computes each micro-batch mean gradient
-    G_j = grad (1/m) sum_i l_i with one backward, and reports per bin
-
-        grad_var         = m * (sum_j ||G_j||^2 - M ||Gbar||^2) / (M - 1),   Gbar = (1/M) sum_j G_j
-        mean_grad_sqnorm = ||Gbar||^2      (the mean gradient of all N = M m samples, as in the per-sample case)
-        grad_sqnorm      = (N - 1)/N * grad_var + ||Gbar||^2     (implied mean ||g||^2; not measured)
-        n = N, loss = mean of all N losses.
-
-    Since Var[G_j] = (1/m) [tr Sigma + (m - 1) c], with Sigma the per-sample covariance and c the mean
-    within-batch cross-covariance, grad_var estimates tr Sigma + (m - 1) c: exactly tr Sigma (same expectation
-    as the per-sample estimator) for i.i.d. samples, and otherwise the per-sample variance *as seen by SGD at
-    batch size m* (m x the variance of a training batch's gradient). Use it when the coupling is solved per
-    batch, with ``micro_size`` = the training batch size, because then the within-batch spread of the g_i that
-    the per-sample estimator measures is not the gradient noise. Costs K M backward passes of size m; memory
-    O(P). The model runs in eval mode (modes restored); ``.grad`` is not touched. ``method`` is "microbatch".
-    """
-    M, m = int(n_micro), int(micro_size)
-    if M < 2 or m < 1:
-        raise ValueError(f"microbatch_variance needs n_micro >= 2 and micro_size >= 1, got {M}, {m}")
-    e = bin_edges(edges) if edges is not None else None
-    ranges = [(0.0, 1.0)] if e is None else list(zip(e[:-1].tolist(), e[1:].tolist()))
-    params = [p for p in model.parameters() if p.requires_grad]
-    cols: dict[str, list[float]] = {k: [] for k in ("n", "loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm")}
-    with _TrainModeGuard(model), torch.enable_grad():
-        for lo, hi in ranges:
-            gsum = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-            sqsum = lsum = 0.0
-            for _ in range(M):
-                batch = sample_batch(m) if e is None else sample_batch(m, lo, hi)
-                t = batch.get("t")
-                if e is not None and t is not None and bool(bin_index(t, torch.tensor([lo, hi])).any()):
-                    raise ValueError(f"sample_batch(m, {lo}, {hi}) returned times outside the bin")
-                losses = loss_fn(model, batch)
-                if losses.shape != (m,):
-                    raise ValueError(f"loss_fn must return shape ({m},), got {tuple(losses.shape)}")
-                grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
-                for acc, g in zip(gsum, grads):
-                    if g is not None:
-                        acc += g.double()
-                sqsum += sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
-                lsum += float(losses.detach().double().sum())
-            mean_sq = sum(float(a.pow(2).sum()) for a in gsum) / M**2
-            var = max(0.0, m * (sqsum - M * mean_sq) / (M - 1))
-            N = M * m
-            for k, v in zip(cols, (N, lsum / N, var, (N - 1) / N * var + mean_sq, mean_sq)):
-                cols[k].append(v)
-    lo_hi = torch.tensor(ranges, dtype=torch.float64).reshape(-1, 2)
-    return GradVarStats(lo_hi[:, 0], lo_hi[:, 1], **{k: torch.tensor(v, dtype=torch.long if k == "n" else
-                                                                  torch.float64) for k, v in cols.items()},
-                        method="microbatch")

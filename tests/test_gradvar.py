@@ -10,7 +10,8 @@ from torch import nn
 
 from flowmatch import persample
 from flowmatch.gradvar import (COLUMNS, BinSums, bin_edges, bin_index, bin_sums, gradient_variance,
-                               microbatch_variance, param_groups, stratified_times)
+                               param_groups, stratified_times)
+from flowmatch.gradvar_microbatch import microbatch_variance
 from flowmatch.interpolants import CFM, Linear
 from flowmatch.losses import per_sample_loss
 

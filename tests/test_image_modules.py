@@ -6,7 +6,7 @@ from helpers import read_metrics, run_entry
 from test_images import CIFAR_TEST_SIZE, CIFAR_TRAIN_SIZES, _write_celeba, _write_cifar
 
 from flowmatch.couplings import FixedCoupling, IndependentCoupling, OTCoupling
-from flowmatch.data import CelebADataModule, CIFAR10DataModule, DigitsDataModule, RandomImageDataModule
+from flowmatch.data import CIFAR10DataModule, DigitsDataModule, RandomImageDataModule
 from flowmatch.data.image_modules import DeviceEmpirical, StandardNormal
 from flowmatch.distributions import Empirical
 
