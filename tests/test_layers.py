@@ -1,0 +1,38 @@
+"""The layering of DESIGN.md: the math core imports no Lightning/Hydra/wandb; the Lightning layer no Hydra."""
+import subprocess
+import sys
+
+CORE = ["flowmatch.interpolants", "flowmatch.couplings", "flowmatch.losses", "flowmatch.sampling",
+        "flowmatch.metrics", "flowmatch.evaluation", "flowmatch.gradvar", "flowmatch.gradvar_microbatch",
+        "flowmatch.persample", "flowmatch.distributions", "flowmatch.direction", "flowmatch.analysis",
+        "flowmatch.analysis.field_table", "flowmatch.models.mlp", "flowmatch.models.unet",
+        "flowmatch.models.gaussian_affine", "flowmatch.image_metrics"]
+LIGHTNING = ["flowmatch.module", "flowmatch.data", "flowmatch.callbacks.gradvar", "flowmatch.callbacks.ema",
+             "flowmatch.callbacks.samples"]
+
+# Imports the modules one after another in a fresh interpreter and names the first that pulls in a
+# forbidden package (earlier modules are clean, so the first offender is the culprit).
+SCRIPT = """
+import importlib, sys
+forbidden = set(sys.argv[1].split(','))
+for name in sys.argv[2:]:
+    importlib.import_module(name)
+    bad = sorted(forbidden & {m.split('.')[0] for m in sys.modules})
+    if bad:
+        print(f'{name} imports {bad}')
+        sys.exit(1)
+"""
+
+
+def check(modules, forbidden):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(forbidden), *modules], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def test_core_imports_no_framework():
+    check(CORE, ["lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb"])
+
+
+def test_lightning_layer_imports_no_hydra():
+    check(LIGHTNING, ["hydra", "omegaconf"])
