@@ -70,7 +70,7 @@ def test_pair_rows_for_finite_couplings(tmp_path):
     assert grid.shape == (3, 4 * (16 + 2) + 2, 5 * (16 + 2) + 2)  # rows: source, endpoint, partner, OT partner
     cell = grid[0, 2 + 2 * 18: 2 + 2 * 18 + 16: 2, 2: 2 + 16: 2]  # partner of pair 0, de-enlarged
     torch.testing.assert_close(cell, ((x1[0, 0] + 1) / 2).clamp(0, 1))
-    assert [p.name for p in (tmp_path / "samples").glob("*.png")] == ["step_000002.png"]  # at the end
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["pairs_step_000002.png", "step_000002.png"]
 
 
 class LinearField(torch.nn.Module):
@@ -102,10 +102,13 @@ def test_digits_end_to_end_with_callbacks_images(tmp_path):
                      "interpolant=cfm", "interpolant.sigma=0.05", "callbacks=images", "debug=fast", "solver=euler",
                      "solver.steps=5", "callbacks.samples.every_n_steps=10", "eval.fid=true",
                      f"hydra.run.dir={tmp_path}")
-    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["step_000010.png", "step_000020.png"]
-    with Image.open(tmp_path / "samples" / "step_000020.png") as im:
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == [
+        "pairs_step_000010.png", "pairs_step_000020.png", "step_000010.png", "step_000020.png"]
+    with Image.open(tmp_path / "samples" / "pairs_step_000020.png") as im:
         w, h = im.size
     assert (w, h) == (8 * 34 + 2, 4 * 34 + 2)  # 8 pairs x 4 rows of 8x8 digits enlarged to 32 px
+    with Image.open(tmp_path / "samples" / "step_000020.png") as im:
+        assert im.size == (8 * 34 + 2, 8 * 34 + 2)  # 64 samples from the fixed noise batch, 8 per row
     m = read_metrics(tmp_path)
     assert 0.0 <= m["eval/mem_rate"] <= 1.0 and "eval/pair_acc" in m and "eval/mmd_gen" in m
     assert "eval/fid" not in m and m["protocol/feature_extractor"] == "inception (unavailable)"

@@ -5,7 +5,7 @@ current field ``pl_module.velocity`` (EMA weights when the EMA callback is on) w
 x_{k+1} = x_k + h v(x_k, t_k), h = 1 / steps (or the given ``solver``), in eval mode.
 
 For finite couplings (``datamodule.coupling.pairs`` is set: fixed, shuffled_ot, rotated with n_pairs, reflow)
-the grid instead has four rows over the first ``n_pairs_shown`` training pairs:
+a second grid, ``pairs_step_XXXXXX.png``, has four rows over the first ``n_pairs_shown`` training pairs:
 training source x0_i -> integrated endpoint Phi(x0_i) -> training partner x1_i -> OT partner T_OT(x0_i)
 (:func:`flowmatch.evaluation.ot_partners`: the discrete OT assignment over the whole training pair set).
 
@@ -55,12 +55,11 @@ class SampleGrid(L.Callback):
             self.enabled = False
             return
         setup = dm.eval_setup()  # CPU copies of the ends and the training pairs
-        if setup.pairs is None:
-            self.rows = {"x0": setup.p0.sample(self.n_samples, torch.Generator().manual_seed(self.seed)).cpu()}
-        else:
+        self.rows = {"noise": setup.p0.sample(self.n_samples, torch.Generator().manual_seed(self.seed)).cpu()}
+        if setup.pairs is not None:
             k = min(self.n_pairs_shown, len(setup.pairs[0]))
             x_ot = ot_partners(setup, setup.pairs[0])
-            self.rows = {"x0": setup.pairs[0][:k].cpu(), "x1": setup.pairs[1][:k].cpu()}
+            self.rows.update(x0=setup.pairs[0][:k].cpu(), x1=setup.pairs[1][:k].cpu())
             if x_ot is not None:
                 self.rows["ot"] = x_ot[:k].cpu()
 
@@ -68,21 +67,24 @@ class SampleGrid(L.Callback):
         return Path(trainer.default_root_dir) / self.dirname
 
     @torch.no_grad()
-    def grid(self, pl_module: L.LightningModule) -> Tensor:
-        """The current grid image (3, H, W) in [0, 1]."""
+    def _integrate(self, pl_module: L.LightningModule, x0: Tensor) -> Tensor:
         net = pl_module.velocity_model()
         was_training = net.training
         net.eval()
         try:
-            x1_hat = self.solver.integrate(pl_module.velocity, self.rows["x0"].to(pl_module.device)).x1
+            return self.solver.integrate(pl_module.velocity, x0.to(pl_module.device)).x1.float().cpu()
         finally:
             net.train(was_training)
-        x1_hat = x1_hat.float().cpu()
-        if "x1" in self.rows:
+
+    def grid(self, pl_module: L.LightningModule, kind: str = "pairs") -> Tensor:
+        """The current grid image (3, H, W) in [0, 1]: ``samples`` from the fixed noise batch, or
+        ``pairs`` (rows source, endpoint, partner, OT partner; finite couplings only)."""
+        if kind == "samples":
+            images, nrow = self._integrate(pl_module, self.rows["noise"]), self.nrow
+        else:
+            x1_hat = self._integrate(pl_module, self.rows["x0"])
             rows = [self.rows["x0"], x1_hat, self.rows["x1"]] + ([self.rows["ot"]] if "ot" in self.rows else [])
             images, nrow = torch.cat(rows), len(self.rows["x0"])
-        else:
-            images, nrow = x1_hat, self.nrow
         scale = -(-self.min_size // images.shape[-1])  # nearest-neighbour upscaling of small images (digits)
         if scale > 1:
             images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
@@ -92,14 +94,17 @@ class SampleGrid(L.Callback):
         step = trainer.global_step
         if not (self.enabled and trainer.is_global_zero) or step == self._last_written or self.rows is None:
             return None
-        path = self._run_dir(trainer) / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(self.grid(pl_module), str(path))
         self._last_written = step
-        self.written.append(path)
-        for logger in trainer.loggers:
-            if callable(getattr(logger, "log_image", None)):
-                logger.log_image(key=self.log_key, images=[str(path)], step=step)
+        kinds = ["samples"] + (["pairs"] if "x1" in self.rows else [])
+        for kind in kinds:
+            path = self._run_dir(trainer) / f"{'pairs_' if kind == 'pairs' else ''}step_{step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(self.grid(pl_module, kind), str(path))
+            self.written.append(path)
+            key = self.log_key if kind == "samples" else f"{self.log_key}_pairs"
+            for logger in trainer.loggers:
+                if callable(getattr(logger, "log_image", None)):
+                    logger.log_image(key=key, images=[str(path)], step=step)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
