@@ -102,3 +102,12 @@ def test_multirun_sweep_each_job_own_wandb_run(tmp_path):
     for sub in ("s0.0", "s0.05"):
         assert len(list((tmp_path / sub / "wandb").glob("offline-run-*"))) == 1
         assert "eval/mmd_gen" in read_metrics(tmp_path / sub)
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep(tmp_path):
+    run_entry("train.py", "-m", *FAST, "interpolant=cfm", "interpolant.sigma=0.0,0.05", "hydra/launcher=submitit_cpu",
+              f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=s${interpolant.sigma}", timeout=600)
+    for sub in ("s0.0", "s0.05"):
+        assert read_metrics(tmp_path / sub)["train/global_step"] == 20.0
+    assert (tmp_path / ".submitit").exists()
