@@ -77,8 +77,13 @@ def test_bad_callback_settings():
 
 def test_integrated_and_pairs_sources(tmp_path):
     run_entry("train.py", *COMMON, "callbacks.gradvar.source=integrated", "callbacks.gradvar.ode_steps=20",
-              "callbacks.gradvar.plot=false", f"hydra.run.dir={tmp_path / 'a'}")
-    assert len(read_rows(tmp_path / "a" / "gradvar.csv")) == 30
+              "callbacks.gradvar.plot=false", "callbacks.gradvar.groups=module", f"hydra.run.dir={tmp_path / 'a'}")
+    rows = read_rows(tmp_path / "a" / "gradvar.csv")
+    assert len(rows) == 30
+    groups = read_rows(tmp_path / "a" / "gradvar_groups.csv")
+    assert {r["group"] for r in groups} == {"net"} and len(groups) == 30  # the MLP's one parameterised child
+    for whole, part in zip(rows, groups):  # a single group holding every parameter is the whole
+        assert float(part["grad_var"]) == pytest.approx(float(whole["grad_var"]), rel=1e-6)
     proc = run_entry("train.py", *COMMON, "coupling=independent", "callbacks.gradvar.source=pairs",
                      f"hydra.run.dir={tmp_path / 'b'}", check=False)
     assert proc.returncode == 2 and "callbacks.gradvar.source=pairs needs a finite coupling" in proc.stderr

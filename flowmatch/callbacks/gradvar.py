@@ -1,11 +1,12 @@
 """GradientVarianceCallback: per-time-bin gradient variance on a fixed probe, during training.
 
 Enabled by ``callbacks=gradvar``; settings under ``callbacks.gradvar``. Every ``every_n_steps``
-optimizer steps (and once at the end of training) it evaluates :func:`flowmatch.gradvar.bin_sums`
+optimizer steps (and at the start and the end of training) it evaluates :func:`flowmatch.gradvar.bin_sums`
 on a probe of ``probe_size`` samples with equal counts per time bin, all-reduces the sums across
 DDP ranks (so the result equals one process on the union of the ranks' probes), logs
 ``gradvar/bin_{k:02d}/{var,sqnorm,loss}`` to every logger, appends rows to ``gradvar.csv`` in the
-run dir and, at the end, draws ``gradvar_heatmap.png`` and ``gradvar_profile.png``.
+run dir (with ``groups``: per-parameter-group rows in ``gradvar_groups.csv``) and, at the end, draws
+``gradvar_heatmap.png`` and ``gradvar_profile.png``.
 
 Probe sources (``source``):
 - ``interpolant``: seeded pairs from the coupling, eps and stratified t, fixed for the whole run;
@@ -123,16 +124,18 @@ class GradientVarianceCallback(L.Callback):
             logged[f"gradvar/bin_{k:02d}/loss"] = float(stats.loss[k])
         for lg in trainer.loggers:
             lg.log_metrics(logged, step=step)
-        self._append_csv(trainer, stats.rows(step))
+        self._append_csv(self._csv_path(trainer), stats.rows(step))
+        if stats.groups:
+            self._append_csv(self._csv_path(trainer).with_name("gradvar_groups.csv"), stats.group_rows(step))
 
     def _csv_path(self, trainer) -> Path:
         return Path(trainer.default_root_dir) / self.filename
 
-    def _append_csv(self, trainer, rows: list[dict]) -> None:
-        path = self._csv_path(trainer)
+    @staticmethod
+    def _append_csv(path: Path, rows: list[dict]) -> None:
         new = not path.exists()
         with path.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(gv.COLUMNS))
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             if new:
                 writer.writeheader()
             writer.writerows(rows)
