@@ -71,7 +71,8 @@ class GradientVarianceCallback(L.Callback):
 
     def draw_fixed(self, coupling, interpolant, rank: int = 0) -> dict[str, Tensor]:
         """The fixed part of the probe (x0, x1, t, eps), seeded per rank so ranks probe disjoint samples."""
-        g = torch.Generator().manual_seed(self.seed + 7919 * rank)
+        # Its own random stream (seed alone would replay the first training batch), one per rank.
+        g = torch.Generator().manual_seed(self.seed + 2_000_003 + 7919 * rank)
         x0, x1 = self._pairs(coupling, self.n_per_bin * self.K, g)
         t = gv.stratified_times(self.n_per_bin, self.edges, g).float()
         eps = torch.randn(x0.shape, generator=g) if interpolant.stochastic else torch.zeros_like(x0)

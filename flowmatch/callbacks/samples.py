@@ -55,7 +55,9 @@ class SampleGrid(L.Callback):
             self.enabled = False
             return
         setup = dm.eval_setup()  # CPU copies of the ends and the training pairs
-        self.rows = {"noise": setup.p0.sample(self.n_samples, torch.Generator().manual_seed(self.seed)).cpu()}
+        # Its own random stream: seed alone would redraw the first training sources of a fixed coupling.
+        g = torch.Generator().manual_seed(self.seed + 1_000_003)
+        self.rows = {"noise": setup.p0.sample(self.n_samples, g).cpu()}
         if setup.pairs is not None:
             k = min(self.n_pairs_shown, len(setup.pairs[0]))
             x_ot = ot_partners(setup, setup.pairs[0])
