@@ -16,8 +16,10 @@ __all__ = ["Distribution", "Gaussian", "GaussianMixture", "Empirical", "as_cov_m
 
 
 def sqrtm_psd(a: Tensor) -> Tensor:
-    """Symmetric square root of a symmetric positive semi-definite matrix (eigendecomposition)."""
-    evals, evecs = torch.linalg.eigh(a.double())
+    """Symmetric square root of a symmetric positive semi-definite matrix (eigendecomposition in float64,
+    of the symmetrised (A + A^T)/2; negative rounding-level eigenvalues clamped to 0)."""
+    a64 = a.double()
+    evals, evecs = torch.linalg.eigh((a64 + a64.T) / 2)
     root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
     return root.to(a.dtype)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowmatch.distributions import as_cov_matrix
+from flowmatch.distributions import as_cov_matrix, sqrtm_psd
 
 __all__ = [
     "gaussian_ot_map",
@@ -91,9 +91,7 @@ def _eigh_sym(a: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.eigh((a + a.T) / 2)
 
 
-def _sqrtm(a: Tensor) -> Tensor:
-    evals, evecs = _eigh_sym(a)
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+_sqrtm = sqrtm_psd  # symmetric PSD square root (one implementation, in flowmatch.distributions)
 
 
 # ----------------------------------------------------------------------------- transport
