@@ -111,3 +111,11 @@ def test_submitit_local_sweep(tmp_path):
     for sub in ("s0.0", "s0.05"):
         assert read_metrics(tmp_path / sub)["train/global_step"] == 20.0
     assert (tmp_path / ".submitit").exists()
+
+
+def test_gmm_bridge_ot_rk4(tmp_path):
+    run_entry("train.py", *FAST, "data=gmm", "interpolant=bridge", "interpolant.sigma=0.1", "coupling=ot",
+              "solver=rk4", "solver.steps=5", f"hydra.run.dir={tmp_path}")
+    m = read_metrics(tmp_path)
+    assert m["eval/nfe"] == 20.0  # rk4: 4 evaluations per step
+    assert "eval/l2_ot" not in m and m["eval/w2"] > 0  # no closed-form OT map for a mixture
