@@ -84,8 +84,8 @@ def plot_profiles(runs: list[Path], labels: list[str], out: Path) -> Path:
         mid = (d["t_lo"][last] + d["t_hi"][last]) / 2
         ax[0].plot(mid, _positive(d["grad_var"][last]), marker="o", label=label)
         ax[1].plot(mid, _positive(d["loss"][last]), marker="o", label=label)
-    ax[0].set(yscale="log", xlabel="t (bin centre)", ylabel="grad variance")
-    ax[1].set(yscale="log", xlabel="t (bin centre)", ylabel="loss")
+    ax[0].set(yscale="log", xlabel="t (bin centre)", ylabel="grad variance", title="per-bin gradient variance (last probe)")
+    ax[1].set(yscale="log", xlabel="t (bin centre)", ylabel="loss", title="per-bin loss (last probe)")
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)

@@ -3,7 +3,8 @@
 ``python -m flowmatch.plots.rotation SWEEP_DIR`` reads every run under SWEEP_DIR and writes
 ``rotation_trajectories.png`` (training pairs and integrated trajectories per sigma, at coarse
 and fine Euler integration and with the configured solver) and ``rotation_pair_acc.png`` (pair
-accuracy, distance to the training partner and to the OT map against the number of Euler steps).
+accuracy, distance to the training partner and to the OT map against the number of Euler steps) and,
+when the runs have a gradvar.csv, ``rotation_gradvar.png`` (last per-bin gradient variance and loss).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from flowmatch.plots.common import euler_series, find_runs, load_run  # noqa: E402
+from flowmatch.plots.gradvar import plot_profiles  # noqa: E402
 
 
 def _label(cfg: dict) -> str:
@@ -110,11 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     if all((r / "eval_trajectories.pt").exists() for _, r in runs):
         plot_trajectories(runs, out / "rotation_trajectories.png")
     plot_pair_accuracy(runs, out / "rotation_pair_acc.png")
+    if all((r / "gradvar.csv").exists() for _, r in runs):
+        plot_profiles([r for _, r in runs], [_label(cfg) for (cfg, _), _ in runs], out / "rotation_gradvar.png")
     print(f"flowmatch: figures in {out}:")
     for png in sorted(out.glob("rotation_*.png")):
         print(f"  {png}")
     for _, r in runs:
-        print(f"  {r / 'metrics.json'}")
+        print(f"  {r / 'metrics.json'}" + (f"  ({r / 'gradvar_heatmap.png'})" if (r / "gradvar_heatmap.png").exists()
+                                           else ""))
 
 
 if __name__ == "__main__":
