@@ -119,6 +119,8 @@ class Empirical(Distribution):
     """Uniform over a finite set of samples ``data`` (N, *shape), drawn with replacement.
 
     ``hflip`` flips images (N, C, H, W) horizontally with probability 1/2 at sampling time.
+    Indices and flips come from the (CPU) ``generator`` even when ``data`` sits on a GPU, so the
+    stream is seeded the same way wherever the data lives.
     """
 
     def __init__(self, data: Tensor, hflip: bool = False) -> None:
@@ -130,9 +132,9 @@ class Empirical(Distribution):
         return len(self.data)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        idx = torch.randint(len(self.data), (n,), generator=generator, device=self.data.device)
-        x = self.data[idx].float()
+        idx = torch.randint(len(self.data), (n,), generator=generator)
+        x = self.data[idx.to(self.data.device)].float()
         if self.hflip:
-            flip = torch.rand(n, generator=generator, device=x.device) < 0.5
+            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
             x = torch.where(flip.reshape(n, *[1] * (x.dim() - 1)), x.flip(-1), x)
         return x

@@ -7,7 +7,7 @@ from test_images import CIFAR_TEST_SIZE, CIFAR_TRAIN_SIZES, _write_celeba, _writ
 
 from flowmatch.couplings import FixedCoupling, IndependentCoupling, OTCoupling
 from flowmatch.data import CIFAR10DataModule, DigitsDataModule, RandomImageDataModule
-from flowmatch.data.image_modules import DeviceEmpirical, StandardNormal
+from flowmatch.data.image_modules import StandardNormal
 from flowmatch.distributions import Empirical
 
 SMALL = ["model=unet", "solver=euler", "solver.steps=3", "eval.euler_steps=[1]", "trainer.max_steps=4",
@@ -51,7 +51,7 @@ def test_backward_direction_and_ot_held_out_pairs():
 
 def test_hflip_and_device_empirical():
     x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
-    plain, flipped = DeviceEmpirical(x), DeviceEmpirical(x, hflip=True)
+    plain, flipped = Empirical(x), Empirical(x, hflip=True)
     s = flipped.sample(200, torch.Generator().manual_seed(0))
     is_flip = torch.stack([(s == x[i].flip(-1)).flatten(1).all(1) for i in range(2)]).any(0)
     assert 0.3 < is_flip.float().mean() < 0.7

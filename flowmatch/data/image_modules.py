@@ -50,18 +50,6 @@ class StandardNormal(Distribution):
         return torch.randn(n, *self.shape, generator=g, device=self.device)
 
 
-class DeviceEmpirical(Empirical):
-    """:class:`Empirical` whose data may sit on a GPU: indices and flips are drawn with the CPU generator."""
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        idx = torch.randint(len(self.data), (n,), generator=generator)
-        x = self.data[idx.to(self.data.device)].float()
-        if self.hflip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-            x = torch.where(flip.reshape(n, *[1] * (x.dim() - 1)), x.flip(-1), x)
-        return x
-
-
 class ImageDataModule(FlowDataModule):
     """Base of the image modules; subclasses implement ``load(split)`` for "train", "val", "test"."""
 
@@ -96,7 +84,7 @@ class ImageDataModule(FlowDataModule):
 
     def build_ends(self):
         self.train_data = self._checked(I.subset(self.load("train"), self.subset, self.seed))
-        return StandardNormal(self.shape), DeviceEmpirical(self.train_data, hflip=self.hflip)
+        return StandardNormal(self.shape), Empirical(self.train_data, hflip=self.hflip)
 
     def setup(self, stage: str | None = None) -> None:
         if self.p0 is None:
@@ -104,7 +92,7 @@ class ImageDataModule(FlowDataModule):
             self._cpu_ends = (self.p0, self.p1)
         device = self._target_device()
         if device is not None and device != self.data_device:
-            data = DeviceEmpirical(self.train_data.to(device), hflip=self.hflip)
+            data = Empirical(self.train_data.to(device), hflip=self.hflip)
             self.p0, self.p1 = apply_direction(StandardNormal(self.shape, device), data, self.direction)
             self.coupling.setup(self.p0, self.p1)  # finite pair sets are kept as they are
             self.data_device = device
@@ -192,7 +180,7 @@ class CelebADataModule(ImageDataModule):
 
     def build_ends(self):  # draw the subset before decoding
         self.train_data = self._checked(self._load("train", self.subset, self.seed))
-        return StandardNormal(self.shape), DeviceEmpirical(self.train_data, hflip=self.hflip)
+        return StandardNormal(self.shape), Empirical(self.train_data, hflip=self.hflip)
 
 
 class DigitsDataModule(ImageDataModule):
