@@ -17,8 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flowmatch.entry import build, eval_options, fail, preflight, set_threads, user_errors, write_json
-from flowmatch.evaluation import evaluate_flow
+from flowmatch.entry import build, fail, preflight, run_evaluation, set_threads, user_errors, write_json
 
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 TASKS = ("metrics", "reflow_pairs", "gradvar_field")
@@ -59,15 +58,11 @@ def main(cfg: DictConfig) -> dict:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     run_cfg, datamodule, module, solver = load_checkpoint(cfg)
     with user_errors():
-        eval_kwargs = eval_options(cfg.eval)
+        eval_options = instantiate(cfg.eval)
     module.to(device).eval()
     if cfg.task == "reflow_pairs":
         return reflow_pairs(cfg, datamodule, module, solver, device, run_dir)
-    result = evaluate_flow(module.velocity, datamodule.eval_setup(), solver, euler_steps=cfg.eval.euler_steps,
-                           n_fresh=cfg.eval.n_fresh, seed=cfg.eval.seed,
-                           keep_trajectories=cfg.eval.keep_trajectories, device=device, **eval_kwargs)
-    metrics = {**result.metrics, **result.protocol, "protocol/solver": solver.tag,
-               "protocol/ckpt_path": str(cfg.ckpt_path), "protocol/ema": str(module.sampling_model is not None).lower()}
+    metrics = run_evaluation(module, datamodule, solver, eval_options, device, run_dir, cfg.ckpt_path)
     write_json(run_dir / "metrics.json", metrics)
     print(f"flowmatch: wrote {run_dir / 'metrics.json'}")
     return metrics
@@ -92,14 +87,17 @@ def gradvar_field(cfg: DictConfig, run_dir: Path) -> dict:
 
     g = OmegaConf.to_container(cfg.gradvar_field, resolve=True)
     with user_errors():
-        rows = field_gradvar_rows(field=cfg.field.name, angle=float(cfg.field.angle), **g)
+        interpolant, coupling = instantiate(cfg.interpolant), instantiate(cfg.coupling)
+        rows = field_gradvar_rows(field=cfg.field.name, angle=float(cfg.field.angle), coupling=coupling,
+                                  interpolant=interpolant, **g)
     path = run_dir / "gradvar_field.csv"
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    title = (f"field={cfg.field.name} (angle {cfg.field.angle:g}), coupling={g['coupling']}, "
-             f"{g['interpolant']} sigma={g['sigma']:g}, d={g['dim']}")
+    angle = f" {coupling.angle:g} deg" if hasattr(coupling, "angle") else ""
+    title = (f"field={cfg.field.name} (angle {cfg.field.angle:g}), coupling={coupling.name}{angle}, "
+             f"{interpolant.name} sigma={interpolant.sigma:g}, d={g['dim']}")
     png = plot_field_table(rows, run_dir / "gradvar_field.png", title)
     print(f"flowmatch: wrote {path} and {png}")
     return {"rows": len(rows)}

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from flowmatch.entry import build, eval_options, fail, preflight, set_threads, user_errors, write_json
-from flowmatch.evaluation import evaluate_flow
+from flowmatch.entry import build, fail, preflight, run_evaluation, set_threads, user_errors, write_json
+from flowmatch.keys import metric
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -32,20 +32,6 @@ def _resolve_ckpt(ckpt_path, ckpt_dir: Path):
     return ckpt_path
 
 
-def _final_eval(cfg: DictConfig, module, datamodule, solver, run_dir: Path, eval_kwargs: dict) -> dict:
-    module.eval()
-    setup = datamodule.eval_setup()
-    result = evaluate_flow(module.velocity, setup, solver,
-                           euler_steps=cfg.eval.euler_steps, n_fresh=cfg.eval.n_fresh, seed=cfg.eval.seed,
-                           keep_trajectories=cfg.eval.keep_trajectories, device=module.device, **eval_kwargs)
-    if result.trajectories:
-        x0, x1 = datamodule.coupling.pairs
-        torch.save({"x0": x0, "x1": x1, **result.trajectories}, run_dir / "eval_trajectories.pt")
-    if setup.train_data is None:  # vector data: metrics.json keeps only float scalars
-        return result.metrics
-    return {**result.metrics, **result.protocol, "protocol/ema": str(module.sampling_model is not None).lower()}
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -53,7 +39,7 @@ def main(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with user_errors():
         datamodule, module, solver = build(cfg)
-        eval_kwargs = eval_options(cfg.eval)
+        eval_options = instantiate(cfg.eval)
         module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         callbacks = [instantiate(c) for c in cfg.callbacks.values()]
         for cb in callbacks:  # a callback may check its settings against the data before training
@@ -71,12 +57,13 @@ def main(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return {}
-    metrics = {"train/global_step": float(trainer.global_step)}
-    for key in ("train/loss", "val/loss"):
+    metrics = {metric("train/global_step"): float(trainer.global_step)}
+    for key in (metric("train/loss"), metric("val/loss")):
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])
-    if cfg.eval.enabled:
-        metrics.update(_final_eval(cfg, module, datamodule, solver, run_dir, eval_kwargs))
+    if eval_options.enabled:
+        metrics.update(run_evaluation(module, datamodule, solver, eval_options, module.device, run_dir,
+                                      ckpt_dir / "last.ckpt"))
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.global_step)
     write_json(run_dir / "metrics.json", metrics)

@@ -9,7 +9,7 @@ and then serves batches with ``sample(n, generator) -> (x0, x1)``.
 - ``fixed``: a finite set of N pairs drawn once (x0 and x1 independent), never resampled; steps
   draw indices into it. This is the paper's "deterministic training" on a fixed pairing.
 - ``rotated``: Gaussian ends only: x1 = m1 + S1^{1/2} R S0^{-1/2} (x0 - m0), R a rotation by
-  ``angle`` degrees in the planes (0,1), (2,3), ... (``analysis.gaussian.rotation_matrix``); with x0 ~ N(0, I), x1 ~ N(mu, M) this is x1 = mu + M^{1/2} R x0. 180 degrees,
+  ``angle`` degrees in the planes (0,1), (2,3), ... (``flowmatch.gaussian.rotation_matrix``); with x0 ~ N(0, I), x1 ~ N(mu, M) this is x1 = mu + M^{1/2} R x0. 180 degrees,
   mu = 5 * 1, M = I gives x1 = 5 - x0, the paper's Counter Example 1 (all lines cross at t = 1/2).
   Finite (``n_pairs``) or fresh draws each step (``n_pairs=None``).
 - ``shuffled_ot``: N pairs drawn once, paired by OT over the whole set, then a fraction of
@@ -26,12 +26,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from flowmatch.analysis.gaussian import rotation_matrix
-from flowmatch.distributions import sqrtm_psd
+from flowmatch.gaussian import rotation_matrix, sqrtm_psd
 
 __all__ = [
     "Coupling", "IndependentCoupling", "OTCoupling", "FixedCoupling", "RotatedCoupling",
-    "ShuffledOTCoupling", "ReflowCoupling", "ot_assignment", "rotation_matrix",
+    "ShuffledOTCoupling", "ReflowCoupling", "ot_assignment", "COUPLINGS",
 ]
 
 
@@ -58,7 +57,13 @@ class Coupling:
         """Attach the t = 0 / t = 1 distributions and draw any finite pair set."""
         self.p0, self.p1 = p0, p1
 
+    def pair(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+        """Pair independent samples ``x0`` of p0 and ``x1`` of p1 by this coupling's batch rule (held-out pairs
+        of a data set): as they are (default), or re-paired by exact OT (``ot``)."""
+        return x0, x1
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` training pairs: indices drawn with replacement into the finite pair set (finite couplings)."""
         if self.pairs is None:
             raise RuntimeError(f"coupling {self.name!r}: call setup(p0, p1) before sample()")
         idx = torch.randint(len(self.pairs[0]), (n,), generator=generator)
@@ -93,9 +98,11 @@ class IndependentCoupling(Coupling):
 class OTCoupling(Coupling):
     name = "ot"
 
-    def sample(self, n, generator=None):
-        x0, x1 = self.p0.sample(n, generator), self.p1.sample(n, generator)
+    def pair(self, x0, x1):
         return x0, x1[ot_assignment(x0, x1)]
+
+    def sample(self, n, generator=None):
+        return self.pair(self.p0.sample(n, generator), self.p1.sample(n, generator))
 
 
 class FixedCoupling(Coupling):
@@ -190,3 +197,7 @@ class ReflowCoupling(Coupling):
             )
         state = torch.load(self.pairs_path, map_location="cpu")
         self.pairs = (state["x0"].float(), state["x1"].float())
+
+
+COUPLINGS = {cls.name: cls for cls in (IndependentCoupling, OTCoupling, FixedCoupling, RotatedCoupling,
+                                       ShuffledOTCoupling, ReflowCoupling)}

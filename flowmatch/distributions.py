@@ -12,51 +12,27 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["Distribution", "Gaussian", "GaussianMixture", "Empirical", "as_cov_matrix", "sqrtm_psd"]
+from flowmatch.gaussian import as_cov_matrix, as_mean, gaussian_ot_map, sqrtm_psd
 
-
-def sqrtm_psd(a: Tensor) -> Tensor:
-    """Symmetric square root of a symmetric positive semi-definite matrix (eigendecomposition in float64,
-    of the symmetrised (A + A^T)/2; negative rounding-level eigenvalues clamped to 0)."""
-    a64 = a.double()
-    evals, evecs = torch.linalg.eigh((a64 + a64.T) / 2)
-    root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
-    return root.to(a.dtype)
-
-
-def as_cov_matrix(cov, dim: int) -> Tensor:
-    """Covariance from config: a scalar c (c I), a list of d variances (diagonal) or a d x d matrix."""
-    c = torch.as_tensor(cov, dtype=torch.float64)
-    if c.dim() == 0:
-        return c * torch.eye(dim, dtype=torch.float64)
-    if c.dim() == 1 and c.shape[0] == dim:
-        return torch.diag(c)
-    if c.shape == (dim, dim):
-        if not torch.allclose(c, c.T):
-            raise ValueError("data.cov must be symmetric")
-        return c
-    raise ValueError(f"data.cov must be a scalar, a list of {dim} variances or a {dim}x{dim} matrix, got shape {tuple(c.shape)}")
-
-
-def _as_mean(mean, dim: int) -> Tensor:
-    m = torch.as_tensor(mean, dtype=torch.float64)
-    if m.dim() == 0:
-        return m * torch.ones(dim, dtype=torch.float64)
-    if m.shape != (dim,):
-        raise ValueError(f"data.mean must be a scalar or a list of {dim} numbers, got shape {tuple(m.shape)}")
-    return m
+__all__ = ["Distribution", "Gaussian", "StandardNormal", "GaussianMixture", "Empirical", "gaussian_ot_map_fn"]
 
 
 class Distribution:
-    """Interface: ``shape`` and ``sample``."""
+    """Interface: ``shape``, ``sample`` and, where known in closed form, ``moments``."""
 
     shape: tuple[int, ...]
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` samples, shape ``(n, *shape)``."""
         raise NotImplementedError
+
+    def moments(self) -> tuple[Tensor, Tensor] | None:
+        """(mean (d,), covariance (d, d)) of the flattened samples, or None when not known in closed form."""
+        return None
 
     @property
     def dim(self) -> int:
+        """The number of coordinates of one sample, prod(shape)."""
         return math.prod(self.shape)
 
 
@@ -66,7 +42,7 @@ class Gaussian(Distribution):
     def __init__(self, mean, cov, shape: tuple[int, ...] | None = None) -> None:
         dim = math.prod(shape) if shape is not None else (len(mean) if hasattr(mean, "__len__") else 1)
         self.shape = tuple(shape) if shape is not None else (dim,)
-        self.mean = _as_mean(mean, dim).float()
+        self.mean = as_mean(mean, dim).float()
         self.cov = as_cov_matrix(cov, dim).float()
         eye = torch.eye(dim)
         self.isotropic_identity = bool(torch.equal(self.cov, eye))
@@ -89,8 +65,32 @@ class Gaussian(Distribution):
             z = z @ self.cov_sqrt.T
         return (z + self.mean).reshape(n, *self.shape)
 
+    def moments(self) -> tuple[Tensor, Tensor]:
+        return self.mean, self.cov
+
     def __repr__(self) -> str:
         return f"Gaussian(dim={self.dim})"
+
+
+class StandardNormal(Distribution):
+    """N(0, I) with event ``shape``, without a covariance matrix (12,288^2 floats for 64x64 RGB).
+
+    On a ``device`` other than the CPU, a device generator is seeded from the CPU ``generator``.
+    """
+
+    def __init__(self, shape, device: torch.device | str | None = None) -> None:
+        self.shape, self.device = tuple(shape), torch.device(device or "cpu")
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        if self.device.type == "cpu":
+            return torch.randn(n, *self.shape, generator=generator)
+        g = None
+        if generator is not None:
+            g = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        return torch.randn(n, *self.shape, generator=g, device=self.device)
+
+    def __repr__(self) -> str:
+        return f"StandardNormal(shape={self.shape})"
 
 
 class GaussianMixture(Distribution):
@@ -107,8 +107,12 @@ class GaussianMixture(Distribution):
 
     @property
     def cov(self) -> Tensor:
+        """Mixture covariance: (1/k) sum_j (c_j - m)(c_j - m)^T + std^2 I."""
         c = self.centers - self.mean
         return c.T @ c / len(c) + self.std**2 * torch.eye(self.dim)
+
+    def moments(self) -> tuple[Tensor, Tensor]:
+        return self.mean, self.cov
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         idx = torch.randint(len(self.centers), (n,), generator=generator)
@@ -138,3 +142,14 @@ class Empirical(Distribution):
             flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
             x = torch.where(flip.reshape(n, *[1] * (x.dim() - 1)), x.flip(-1), x)
         return x
+
+
+def gaussian_ot_map_fn(p0: Distribution, p1: Distribution):
+    """x0 -> T_OT(x0), the W2-optimal map between two :class:`Gaussian` ends (T(x) = A (x - m0) + m1, see
+    :func:`flowmatch.gaussian.gaussian_ot_map`), as a float32 function of (B, d) batches; None unless both ends
+    are Gaussian."""
+    if not (isinstance(p0, Gaussian) and isinstance(p1, Gaussian)):
+        return None
+    a, b = gaussian_ot_map(p0.mean, p0.cov, p1.mean, p1.cov)
+    a, b = a.float(), b.float()
+    return lambda x: x @ a.T + b

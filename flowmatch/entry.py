@@ -123,26 +123,20 @@ def build(cfg: DictConfig):
     return datamodule, module, solver
 
 
-def eval_options(eval_cfg: DictConfig) -> dict:
-    """Keyword arguments of ``evaluate_flow`` beyond the basic ones, from ``cfg.eval`` (absent keys: defaults).
+def run_evaluation(module, datamodule, solver, options, device, run_dir: Path, ckpt_path: str) -> dict:
+    """The one evaluation of train.py (end of training) and evaluate.py: ``evaluate_flow`` on the sampling
+    weights, ``eval/...`` and ``protocol/...`` keys (plus which checkpoint and whether EMA weights were used);
+    saves the kept trajectories of the training sources in ``eval_trajectories.pt``."""
+    from flowmatch.evaluation import evaluate_flow
+    from flowmatch.keys import metric
 
-    ``feature_extractor``: null / "inception" (Inception-v3) or a ``{_target_: ...}`` config of an
-    ``nn.Module`` mapping (N, C, H, W) images in [-1, 1] to (N, F) features.
-    """
-    fe = eval_cfg.get("feature_extractor")
-    if isinstance(fe, DictConfig):
-        fe = instantiate(fe)
-    elif fe is not None and fe != "inception":
-        raise ValueError(f"eval.feature_extractor must be null, inception or a {{_target_: ...}} config, got {fe!r}")
-    split = eval_cfg.get("fid_split", "train")
-    if split not in ("train", "test"):
-        raise ValueError(f"eval.fid_split must be one of ['train', 'test'], got {split!r}")
-    fid_kwargs = {"inception_weights": eval_cfg.get("inception_weights"),
-                  "kid_subsets": int(eval_cfg.get("kid_subsets", 100)),
-                  "kid_subset_size": int(eval_cfg.get("kid_subset_size", 1000))}
-    return {"batch_size": eval_cfg.get("batch_size"), "w2_max_dim": int(eval_cfg.get("w2_max_dim", 4096)),
-            "fid": bool(eval_cfg.get("fid", False)), "feature_extractor": fe, "fid_split": split,
-            "fid_kwargs": fid_kwargs}
+    module.eval()
+    result = evaluate_flow(module.velocity, datamodule.eval_setup(), solver, options, device=device)
+    if result.trajectories:
+        x0, x1 = datamodule.coupling.pairs
+        torch.save({"x0": x0, "x1": x1, **result.trajectories}, Path(run_dir) / "eval_trajectories.pt")
+    return {**result.metrics, **result.protocol, metric("protocol/ckpt_path"): str(ckpt_path),
+            metric("protocol/ema"): str(module.sampling_model is not None).lower()}
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

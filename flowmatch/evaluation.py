@@ -1,10 +1,16 @@
-"""End-of-training and ``evaluate.py`` metrics: integrate the learned field and score it.
+"""Evaluation of a learned flow: integrate it and score the endpoints (end of training and ``evaluate.py``).
 
-Returns flat ``eval/...`` metrics as in DESIGN.md. Metrics from a named fixed-step solver carry
-its tag as a suffix (``eval/pair_acc@euler7``); plain names are the configured solver's.
-For image data (event shape of more than one dimension, with ``EvalSetup.train_data``) it adds
-``eval/mem_rate`` and, when asked, ``eval/fid``/``eval/kid`` (:mod:`flowmatch.image_metrics`), and
-:attr:`EvalResult.protocol` describes how the numbers were made (``protocol/...`` keys).
+One path for both: :func:`evaluate_flow` takes the field, an :class:`EvalSetup` (what the data side knows:
+the ends, the training pairs, the OT map, the target moments, reference images) and :class:`EvalOptions`
+(the ``eval`` config group), and returns :class:`EvalResult`. It runs three steps a reader can follow:
+
+1. :func:`training_pair_metrics` - integrate the coupling's finite training sources with the configured solver
+   and with Euler at each of ``euler_steps``: pair accuracy, L2 to the partner and to the OT partner, MMD.
+2. :func:`fresh_sample_metrics` - integrate fresh sources: MMD to fresh targets, W2, NFE, and L2 to the OT map
+   when there are no training pairs.
+3. :func:`image_metrics` - image data as the target: memorization rate, and FID/KID when asked.
+
+Keys are those of :mod:`flowmatch.keys`; ``protocol/...`` keys say how the numbers were made.
 """
 from __future__ import annotations
 
@@ -18,31 +24,88 @@ from torch import Tensor, nn
 from flowmatch import image_metrics as IM
 from flowmatch import metrics as M
 from flowmatch.couplings import ot_assignment
+from flowmatch.distributions import Distribution, gaussian_ot_map_fn
+from flowmatch.gaussian import gaussian_w2
+from flowmatch.keys import metric
 from flowmatch.sampling import Solver
+from flowmatch.streams import generator
+
+__all__ = ["EvalOptions", "EvalSetup", "EvalResult", "FIDWarning", "evaluate_flow", "ot_partners",
+           "training_pair_metrics", "fresh_sample_metrics", "image_metrics"]
+
+Velocity = Callable[[Tensor, Tensor], Tensor]
+FID_SPLITS = ("train", "test")
+
+
+@dataclass
+class EvalOptions:
+    """The ``eval`` config group (``conf/eval/default.yaml``), shared by ``train.py`` and ``evaluate.py``.
+
+    ``enabled``: evaluate at the end of training; ``euler_steps``: Euler step counts of the ``@euler{K}`` keys;
+    ``n_fresh``: fresh sources; ``seed``: the evaluation's random stream; ``keep_trajectories``: Euler step
+    counts whose trajectories from the training sources are saved (``eval_trajectories.pt``);
+    ``batch_size``: integrate fresh sources in chunks (None: one batch); ``w2_max_dim``: no ``eval/w2`` above
+    this dimension (cost ~ dim^3). Images: ``fid`` turns FID/KID on, with ``feature_extractor`` None /
+    "inception" or an ``nn.Module`` (N, C, H, W) in [-1, 1] -> (N, F); ``inception_weights`` a local weights
+    file; ``fid_split`` the real images (train | test); ``kid_subsets``, ``kid_subset_size`` for KID.
+    """
+
+    enabled: bool = True
+    euler_steps: Sequence[int] = (1, 3, 7, 11, 21, 51, 101)
+    n_fresh: int = 1000
+    seed: int = 12345
+    keep_trajectories: Sequence[int] = ()
+    batch_size: int | None = None
+    w2_max_dim: int = 4096
+    fid: bool = False
+    feature_extractor: str | nn.Module | None = None
+    inception_weights: str | None = None
+    fid_split: str = "train"
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+
+    def __post_init__(self) -> None:
+        fe = self.feature_extractor
+        if not (fe is None or fe == "inception" or isinstance(fe, nn.Module)):
+            raise ValueError(f"eval.feature_extractor must be null, inception or a {{_target_: ...}} config of an "
+                             f"nn.Module, got {fe!r}")
+        if self.fid_split not in FID_SPLITS:
+            raise ValueError(f"eval.fid_split must be one of {list(FID_SPLITS)}, got {self.fid_split!r}")
+        if int(self.n_fresh) < 2:
+            raise ValueError(f"eval.n_fresh must be an integer >= 2, got {self.n_fresh}")
+        self.euler_steps = [int(k) for k in self.euler_steps]
+        self.keep_trajectories = [int(k) for k in self.keep_trajectories]
 
 
 @dataclass
 class EvalSetup:
-    """What evaluation needs from the data side (all after the direction is applied).
+    """What evaluation needs from the data side, all after the direction is applied.
 
-    ``pairs``: the coupling's finite training pairs (X0, X1) or None; ``ot_map``: x0 -> T_OT(x0)
-    in closed form (Gaussian ends) or None; ``target_moments``: (mean, cov) of p1 if known.
-    ``train_data`` / ``test_data``: the image data set's training / held-out split (CPU tensors;
-    ``test_data`` may be a function returning it, called only when needed), set by image DataModules
-    when the data is the target p1 (forward direction), else None.
+    ``pairs``: the coupling's finite training pairs (X0, X1) or None; ``ot_map``: x0 -> T_OT(x0) in closed form
+    or None; ``target_moments``: (mean, cov) of p1 if known; ``train_data`` / ``test_data``: the image data
+    set's training / held-out split (CPU; ``test_data`` may be a function returning it, called when needed)
+    when the data is the target p1, else None. Build it with :meth:`from_ends`.
     """
 
-    p0: object
-    p1: object
+    p0: Distribution
+    p1: Distribution
     pairs: tuple[Tensor, Tensor] | None = None
     ot_map: Callable[[Tensor], Tensor] | None = None
     target_moments: tuple[Tensor, Tensor] | None = None
     train_data: Tensor | None = None
     test_data: Tensor | Callable[[], Tensor] | None = None
 
+    @classmethod
+    def from_ends(cls, p0: Distribution, p1: Distribution, coupling, train_data=None, test_data=None) -> "EvalSetup":
+        """The setup the ends and the coupling define: pairs from the coupling, the OT map and the target
+        moments from the distributions (:func:`~flowmatch.distributions.gaussian_ot_map_fn`, ``p1.moments()``)."""
+        return cls(p0, p1, coupling.pairs, gaussian_ot_map_fn(p0, p1), p1.moments(), train_data, test_data)
+
 
 @dataclass
 class EvalResult:
+    """``metrics`` (eval/ keys), ``protocol`` (protocol/ keys) and kept ``trajectories`` (name -> (T, B, ...))."""
+
     metrics: dict[str, float]
     trajectories: dict[str, Tensor] = field(default_factory=dict)
     protocol: dict[str, float | str] = field(default_factory=dict)
@@ -50,46 +113,6 @@ class EvalResult:
 
 class FIDWarning(UserWarning):
     """FID/KID were asked for but could not be computed (the other metrics still are)."""
-
-
-def _solver_protocol(solver: Solver) -> dict[str, float | str]:
-    if solver.method in ("dopri5",):
-        return {"protocol/solver": solver.tag, "protocol/atol": solver.atol, "protocol/rtol": solver.rtol}
-    return {"protocol/solver": solver.tag, "protocol/solver_steps": float(solver.steps)}
-
-
-def _reference(setup: EvalSetup, split: str, n: int, g: torch.Generator) -> Tensor:
-    data = setup.train_data if split == "train" else setup.test_data
-    data = data() if callable(data) else data  # a held-out split may be loaded only when asked for
-    if data is None:
-        raise ValueError(f"eval.fid_split={split!r}: this data set has no {split} split here")
-    return data[torch.randperm(len(data), generator=g)[:n]] if len(data) > n else data
-
-
-def _image_metrics(gen: Tensor, setup: EvalSetup, g: torch.Generator, fid: bool, feature_extractor,
-                   fid_split: str, fid_kwargs: dict, device) -> tuple[dict, dict]:
-    """eval/mem_rate (generated vs the training images) and, if ``fid``, eval/fid, eval/kid."""
-    out = {"eval/mem_rate": IM.memorization_rate(gen, setup.train_data)}
-    proto: dict[str, float | str] = {"protocol/split": fid_split if fid else "train"}
-    if not fid:
-        return out, {**proto, "protocol/feature_extractor": "off"}
-    extractor = "inception" if feature_extractor is None else feature_extractor
-    name = extractor if isinstance(extractor, str) else type(extractor).__name__
-    try:
-        real = _reference(setup, fid_split, len(gen), g)
-        r = IM.fid_kid(gen, real, extractor, device=device, **fid_kwargs)
-    except IM.FeatureExtractorUnavailable as exc:
-        warnings.warn(f"eval/fid and eval/kid skipped: {exc}", FIDWarning, stacklevel=3)
-        return out, {**proto, "protocol/feature_extractor": f"{name} (unavailable)"}
-    out.update({"eval/fid": r["fid"], "eval/kid": r["kid"], "eval/kid_std": r["kid_std"]})
-    return out, {**proto, "protocol/feature_extractor": name, "protocol/n_real": float(len(real))}
-
-
-def _pair_metrics(x1_hat: Tensor, x1: Tensor, x1_ot: Tensor | None, suffix: str) -> dict[str, float]:
-    out = {f"eval/pair_acc{suffix}": M.pair_accuracy(x1_hat, x1), f"eval/l2_partner{suffix}": M.mean_l2(x1_hat, x1)}
-    if x1_ot is not None:
-        out[f"eval/l2_ot{suffix}"] = M.mean_l2(x1_hat, x1_ot)
-    return out
 
 
 def ot_partners(setup: EvalSetup, x0: Tensor) -> Tensor | None:
@@ -102,76 +125,114 @@ def ot_partners(setup: EvalSetup, x0: Tensor) -> Tensor | None:
     return None
 
 
-def evaluate_flow(
-    velocity: Callable[[Tensor, Tensor], Tensor],
-    setup: EvalSetup,
-    solver: Solver,
-    euler_steps: Sequence[int] = (),
-    n_fresh: int = 1000,
-    seed: int = 0,
-    w2_max_dim: int = 4096,
-    keep_trajectories: Sequence[int] = (),
-    device: torch.device | str = "cpu",
-    batch_size: int | None = None,
-    fid: bool = False,
-    feature_extractor: str | nn.Module | None = None,
-    fid_split: str = "train",
-    fid_kwargs: dict | None = None,
-) -> EvalResult:
-    """Score ``velocity`` on the training pairs (pair metrics, ``mmd_mem``) and on ``n_fresh`` fresh
-    sources (``mmd_gen``, ``w2``, ``nfe``; ``l2_ot`` too when there are no training pairs).
+def _integrate(velocity: Velocity, solver: Solver, x0: Tensor, device, batch_size: int | None = None):
+    """Endpoints (CPU) and mean NFE of ``solver`` from ``x0``, in chunks of ``batch_size`` (None: one batch)."""
+    parts = [solver.integrate(velocity, c.to(device)) for c in (x0.split(int(batch_size)) if batch_size else [x0])]
+    return torch.cat([p.x1.cpu() for p in parts]), sum(p.nfe for p in parts) / len(parts)
 
-    ``keep_trajectories``: Euler step counts whose trajectories from the training sources are
-    returned (``euler{K}``; the configured solver's under ``solver``), for figures.
-    ``batch_size``: integrate the fresh sources in chunks of this size (None: one batch; ``eval/nfe``
-    is then the mean over chunks). Image data: ``eval/mem_rate`` always; ``eval/fid``, ``eval/kid``
-    (and ``eval/kid_std``) when ``fid``, with ``feature_extractor`` None/"inception" or an
-    ``nn.Module``, against ``n_fresh`` images of the ``fid_split`` split ("train" or "test");
-    ``fid_kwargs`` go to :func:`flowmatch.image_metrics.fid_kid` (``kid_subsets``,
-    ``kid_subset_size``, ``inception_weights``, ``batch_size``). Inception weights that cannot be
-    loaded skip FID/KID with a :class:`FIDWarning` naming why and how to get them.
-    """
+
+def _pair_scores(x1_hat: Tensor, x1: Tensor, x1_ot: Tensor | None, k: int | None) -> dict[str, float]:
+    out = {metric("eval/pair_acc", k): M.pair_accuracy(x1_hat, x1), metric("eval/l2_partner", k): M.mean_l2(x1_hat, x1)}
+    if x1_ot is not None:
+        out[metric("eval/l2_ot", k)] = M.mean_l2(x1_hat, x1_ot)
+    return out
+
+
+def training_pair_metrics(velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions,
+                          device) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Step 1: pair metrics of the training sources with the configured solver (plain keys, plus
+    ``eval/mmd_mem``) and with Euler at each of ``options.euler_steps`` (``@euler{K}`` keys); the kept
+    trajectories (``solver``, ``euler{K}``)."""
+    x0, x1 = setup.pairs
+    x_ot = ot_partners(setup, x0)
+    keep = set(options.keep_trajectories)
+    res = solver.integrate(velocity, x0.to(device), return_traj=bool(keep))
+    out = _pair_scores(res.x1.cpu(), x1, x_ot, None)
+    out[metric("eval/mmd_mem")] = M.mmd2_rbf(res.x1.cpu(), x1)
+    trajs = {"solver": res.traj.cpu()} if keep else {}
+    for k in options.euler_steps:
+        r = Solver("euler", steps=k).integrate(velocity, x0.to(device), return_traj=k in keep)
+        out.update(_pair_scores(r.x1.cpu(), x1, x_ot, k))
+        if r.traj is not None:
+            trajs[f"euler{k}"] = r.traj.cpu()
+    return out, trajs
+
+
+def fresh_sample_metrics(velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions, device,
+                         g: torch.Generator) -> tuple[dict[str, float], Tensor, float]:
+    """Step 2: ``eval/mmd_gen``, ``eval/nfe``, ``eval/w2`` and (no training pairs, OT map known) ``eval/l2_ot``
+    with its ``@euler{K}`` variants, on ``options.n_fresh`` fresh sources and targets drawn from ``g``.
+    Returns the metrics, the generated samples and the NFE."""
+    fresh0, fresh1 = setup.p0.sample(options.n_fresh, g), setup.p1.sample(options.n_fresh, g)
+    gen, nfe = _integrate(velocity, solver, fresh0, device, options.batch_size)
+    out = {metric("eval/nfe"): float(nfe), metric("eval/mmd_gen"): M.mmd2_rbf(gen, fresh1)}
+    if setup.pairs is None and setup.ot_map is not None:
+        target = setup.ot_map(fresh0)
+        out[metric("eval/l2_ot")] = M.mean_l2(gen, target)
+        for k in options.euler_steps:
+            x1_k, _ = _integrate(velocity, Solver("euler", steps=k), fresh0, device, options.batch_size)
+            out[metric("eval/l2_ot", k)] = M.mean_l2(x1_k, target)
+    if gen[0].numel() <= options.w2_max_dim:
+        mean1, cov1 = setup.target_moments or M.sample_moments(fresh1)
+        out[metric("eval/w2")] = float(gaussian_w2(*M.sample_moments(gen), mean1.flatten(), cov1))
+    return out, gen, nfe
+
+
+def _reference(setup: EvalSetup, split: str, n: int, g: torch.Generator) -> Tensor:
+    data = setup.train_data if split == "train" else setup.test_data
+    data = data() if callable(data) else data  # a held-out split may be loaded only when asked for
+    if data is None:
+        raise ValueError(f"eval.fid_split={split!r}: this data set has no {split} split here")
+    return data[torch.randperm(len(data), generator=g)[:n]] if len(data) > n else data
+
+
+def image_metrics(gen: Tensor, setup: EvalSetup, options: EvalOptions, device,
+                  g: torch.Generator) -> tuple[dict[str, float], dict[str, float | str]]:
+    """Step 3 (image data as the target): ``eval/mem_rate`` against the training images and, with
+    ``options.fid``, ``eval/fid``, ``eval/kid``, ``eval/kid_std`` against ``n_fresh`` real images of
+    ``options.fid_split``; Inception weights that cannot be loaded skip FID/KID with a :class:`FIDWarning`."""
+    out = {metric("eval/mem_rate"): IM.memorization_rate(gen, setup.train_data)}
+    proto: dict[str, float | str] = {metric("protocol/split"): options.fid_split if options.fid else "train"}
+    if not options.fid:
+        return out, {**proto, metric("protocol/feature_extractor"): "off"}
+    extractor = options.feature_extractor or "inception"
+    name = extractor if isinstance(extractor, str) else type(extractor).__name__
+    try:
+        real = _reference(setup, options.fid_split, len(gen), g)
+        r = IM.fid_kid(gen, real, extractor, device=device, inception_weights=options.inception_weights,
+                       kid_subsets=int(options.kid_subsets), kid_subset_size=int(options.kid_subset_size))
+    except IM.FeatureExtractorUnavailable as exc:
+        warnings.warn(f"eval/fid and eval/kid skipped: {exc}", FIDWarning, stacklevel=3)
+        return out, {**proto, metric("protocol/feature_extractor"): f"{name} (unavailable)"}
+    out.update({metric("eval/fid"): r["fid"], metric("eval/kid"): r["kid"], metric("eval/kid_std"): r["kid_std"]})
+    return out, {**proto, metric("protocol/feature_extractor"): name, metric("protocol/n_real"): float(len(real))}
+
+
+def _solver_protocol(solver: Solver, nfe: float, options: EvalOptions) -> dict[str, float | str]:
+    out: dict[str, float | str] = {metric("protocol/solver"): solver.tag}
+    if solver.method == "dopri5":
+        out.update({metric("protocol/atol"): solver.atol, metric("protocol/rtol"): solver.rtol})
+    else:
+        out[metric("protocol/solver_steps")] = float(solver.steps)
+    out.update({metric("protocol/nfe"): float(nfe), metric("protocol/n_samples"): float(options.n_fresh),
+                metric("protocol/seed"): float(options.seed)})
+    return out
+
+
+def evaluate_flow(velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions | None = None,
+                  device: torch.device | str = "cpu") -> EvalResult:
+    """Score ``velocity`` (steps 1-3 of the module docstring) with ``solver`` and ``options``."""
+    options = options or EvalOptions()
+    g = generator(options.seed, "eval")
     out: dict[str, float] = {}
     trajs: dict[str, Tensor] = {}
-    g = torch.Generator().manual_seed(seed)
-
-    def run(s: Solver, x0: Tensor, traj: bool = False):
-        return s.integrate(velocity, x0.to(device), return_traj=traj)
-
-    def run_chunks(s: Solver, x0: Tensor) -> tuple[Tensor, float]:
-        parts = [run(s, c) for c in (x0.split(int(batch_size)) if batch_size else [x0])]
-        return torch.cat([p.x1.cpu() for p in parts]), sum(p.nfe for p in parts) / len(parts)
-
     if setup.pairs is not None:
-        x0, x1 = setup.pairs
-        x_ot = ot_partners(setup, x0)
-        res = run(solver, x0, traj=bool(keep_trajectories))
-        out.update(_pair_metrics(res.x1.cpu(), x1, x_ot, ""))
-        out["eval/mmd_mem"] = M.mmd2_rbf(res.x1.cpu(), x1)
-        if keep_trajectories:
-            trajs["solver"] = res.traj.cpu()
-        for k in euler_steps:
-            r = run(Solver("euler", steps=int(k)), x0, traj=int(k) in keep_trajectories)
-            out.update(_pair_metrics(r.x1.cpu(), x1, x_ot, f"@euler{int(k)}"))
-            if r.traj is not None:
-                trajs[f"euler{int(k)}"] = r.traj.cpu()
-
-    fresh0, fresh1 = setup.p0.sample(n_fresh, g), setup.p1.sample(n_fresh, g)
-    gen, nfe = run_chunks(solver, fresh0)
-    out["eval/nfe"] = float(nfe)
-    out["eval/mmd_gen"] = M.mmd2_rbf(gen, fresh1)
-    if setup.pairs is None and setup.ot_map is not None:
-        out["eval/l2_ot"] = M.mean_l2(gen, setup.ot_map(fresh0))
-        for k in euler_steps:
-            x1_k, _ = run_chunks(Solver("euler", steps=int(k)), fresh0)
-            out[f"eval/l2_ot@euler{int(k)}"] = M.mean_l2(x1_k, setup.ot_map(fresh0))
-    if gen[0].numel() <= w2_max_dim:
-        mean1, cov1 = setup.target_moments or M.sample_moments(fresh1)
-        out["eval/w2"] = M.gaussian_w2(*M.sample_moments(gen), mean1, cov1)
-    protocol = {**_solver_protocol(solver), "protocol/nfe": float(nfe), "protocol/n_samples": float(n_fresh),
-                "protocol/seed": float(seed)}
+        out, trajs = training_pair_metrics(velocity, setup, solver, options, device)
+    fresh, gen, nfe = fresh_sample_metrics(velocity, setup, solver, options, device, g)
+    out.update(fresh)
+    protocol = _solver_protocol(solver, nfe, options)
     if len(setup.p1.shape) > 1 and setup.train_data is not None:
-        img, proto = _image_metrics(gen, setup, g, fid, feature_extractor, fid_split, fid_kwargs or {}, device)
+        img, proto = image_metrics(gen, setup, options, device, g)
         out.update(img)
         protocol.update(proto)
     return EvalResult(out, trajs, protocol)

@@ -17,10 +17,45 @@ velocity regressed by flow matching (Lipman et al. 2023; Tong et al. 2024).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torch import Tensor
 
-__all__ = ["Interpolant", "Linear", "CFM", "Bridge"]
+__all__ = ["PathSample", "Interpolant", "Linear", "CFM", "Bridge", "INTERPOLANTS"]
+
+
+@dataclass(frozen=True)
+class PathSample:
+    """One batch of points on conditional paths: pairs ``(x0, x1)``, times ``t`` (B,), noise ``eps``, the
+    point ``x_t`` and its regression target ``u_t`` (all batch-first). Interpolants return it, the training
+    step and the gradient-variance probes carry it, and :func:`flowmatch.losses.per_sample_loss` reads it.
+
+    Indexing (``path[i:j]``, ``path[index_tensor]``) selects the same samples in every field; ``to`` moves
+    every field. A probe built from integrated trajectories stores the integrated endpoint as ``x1``.
+    """
+
+    x0: Tensor
+    x1: Tensor
+    t: Tensor
+    eps: Tensor
+    x_t: Tensor
+    u_t: Tensor
+
+    def __len__(self) -> int:
+        return self.t.shape[0]
+
+    def __getitem__(self, index) -> "PathSample":
+        return PathSample(**{f.name: _take(getattr(self, f.name), index) for f in fields(self)})
+
+    def to(self, device) -> "PathSample":
+        """The same sample with every field on ``device``."""
+        return PathSample(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def _take(x: Tensor, index) -> Tensor:
+    """Rows ``index`` of ``x``, moving a tensor index to ``x``'s device first."""
+    return x[index.to(x.device)] if isinstance(index, Tensor) else x[index]
 
 
 def _expand_time(t: Tensor, like: Tensor) -> Tensor:
@@ -48,9 +83,11 @@ class Interpolant:
         return self.sigma > 0.0
 
     def gamma(self, t: Tensor) -> Tensor:
+        """The noise scale gamma(t) of x_t (B,)."""
         raise NotImplementedError
 
     def dgamma(self, t: Tensor) -> Tensor:
+        """Its time derivative gamma'(t) (B,)."""
         raise NotImplementedError
 
     def sample_eps(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -68,11 +105,11 @@ class Interpolant:
         """u_t = x1 - x0 + gamma'(t) eps, the time derivative of ``x_t`` at fixed (x0, x1, eps)."""
         return x1 - x0 + _expand_time(self.dgamma(t), x0) * eps
 
-    def __call__(self, x0: Tensor, x1: Tensor, t: Tensor, eps: Tensor | None = None):
-        """Return ``(x_t, u_t)``; draws eps when not given."""
+    def __call__(self, x0: Tensor, x1: Tensor, t: Tensor, eps: Tensor | None = None) -> PathSample:
+        """The :class:`PathSample` at times ``t`` (x_t and u_t as above); draws eps when not given."""
         if eps is None:
             eps = self.sample_eps(x0)
-        return self.x_t(x0, x1, t, eps), self.u_t(x0, x1, t, eps)
+        return PathSample(x0, x1, t, eps, self.x_t(x0, x1, t, eps), self.u_t(x0, x1, t, eps))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sigma={self.sigma})"

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from flowmatch.interpolants import Interpolant
 from flowmatch.losses import per_sample_loss
+from flowmatch.streams import generator
 
 
 class FlowMatchingModule(L.LightningModule):
@@ -87,23 +88,10 @@ class FlowMatchingModule(L.LightningModule):
         t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
         return t, self.interpolant.sample_eps(x0)
 
-    def per_sample_loss(self, x0: Tensor, x1: Tensor, t: Tensor, eps: Tensor, model: nn.Module | None = None) -> Tensor:
-        """(B,) per-sample losses l_i at the given (x0, x1, t, eps); reused by the callbacks."""
-        return per_sample_loss(model if model is not None else self.model, self.interpolant, x0, x1, t, eps)
-
-    def probe_loss_fn(self) -> Callable[[nn.Module, dict], Tensor]:
-        """``loss_fn(model, batch)`` for :mod:`flowmatch.gradvar` probes (keys x0, x1, t, eps)."""
-        interpolant = self.interpolant
-
-        def loss_fn(model: nn.Module, b: dict) -> Tensor:
-            return per_sample_loss(model, interpolant, b["x0"], b["x1"], b["t"], b["eps"])
-
-        return loss_fn
-
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0, x1 = batch
         t, eps = self.draw_t_eps(x0)
-        loss = self.per_sample_loss(x0, x1, t, eps, self.train_model()).mean()
+        loss = per_sample_loss(self.train_model(), self.interpolant(x0, x1, t, eps)).mean()
         # Logging every step costs more than a small MLP step; log at the logger's cadence.
         if self.global_step % self.log_every == 0:
             self.log("train/loss", loss.detach(), prog_bar=True)
@@ -111,11 +99,12 @@ class FlowMatchingModule(L.LightningModule):
 
     def _held_out_step(self, batch, prefix: str) -> None:
         x0, x1 = batch
-        g = torch.Generator(device=x0.device).manual_seed(0)
+        g = generator(0, "loss", device=x0.device)  # the same times and noise at every validation
         t = torch.rand(x0.shape[0], generator=g, device=x0.device, dtype=x0.dtype)
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype) if self.interpolant.stochastic \
             else torch.zeros_like(x0)
-        self.log(f"{prefix}/loss", self.per_sample_loss(x0, x1, t, eps, self.velocity_model()).mean(), sync_dist=True)
+        path = self.interpolant(x0, x1, t, eps)
+        self.log(f"{prefix}/loss", per_sample_loss(self.velocity_model(), path).mean(), sync_dist=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._held_out_step(batch, "val")

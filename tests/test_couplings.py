@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from flowmatch.couplings import (FixedCoupling, IndependentCoupling, OTCoupling, RotatedCoupling,
-                                 ShuffledOTCoupling, ot_assignment, rotation_matrix)
+                                 ShuffledOTCoupling, ot_assignment)
 from flowmatch.direction import apply_direction
 from flowmatch.distributions import Gaussian
+from flowmatch.gaussian import rotation_matrix
 
 
 def ends(dim=2, mean=5.0, cov=1.0):

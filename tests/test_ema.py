@@ -9,7 +9,7 @@ from torch import nn
 
 from flowmatch.callbacks.ema import EMA
 from flowmatch.entry import build
-from flowmatch.evaluation import evaluate_flow
+from flowmatch.evaluation import EvalOptions, evaluate_flow
 from flowmatch.interpolants import CFM
 from flowmatch.module import FlowMatchingModule
 from flowmatch.sampling import Solver
@@ -162,7 +162,7 @@ def test_resume_keeps_ema_state_and_evaluate_uses_ema(tmp_path):
     for use_ema in (False, True):
         if use_ema:
             assert module.load_ema_from_checkpoint(ck)
-        res[use_ema] = evaluate_flow(module.velocity, dm.eval_setup(), Solver("euler", steps=4), euler_steps=[1],
-                                     n_fresh=64, seed=12345).metrics
+        res[use_ema] = evaluate_flow(module.velocity, dm.eval_setup(), Solver("euler", steps=4),
+                                     EvalOptions(euler_steps=[1], n_fresh=64, seed=12345)).metrics
     assert m["eval/mmd_gen"] == pytest.approx(res[True]["eval/mmd_gen"], rel=1e-5)
     assert m["eval/mmd_gen"] != pytest.approx(res[False]["eval/mmd_gen"], rel=1e-3)

@@ -2,6 +2,8 @@
 import pytest
 
 from flowmatch.analysis.field_table import field_gradvar_rows
+from flowmatch.couplings import RotatedCoupling
+from flowmatch.interpolants import CFM
 
 
 def _by_seed(rows, seed):
@@ -9,7 +11,7 @@ def _by_seed(rows, seed):
 
 
 def test_mismatched_field_mc_matches_closed_form():
-    rows = field_gradvar_rows(field="ot", coupling="rotated", angle=90, interpolant="cfm", sigma=0.3,
+    rows = field_gradvar_rows(field="ot", coupling=RotatedCoupling(angle=90), interpolant=CFM(0.3),
                               mean=[1.0, -1.0], cov=[2.0, 0.5], bins=4, n_per_bin=1500, seeds=[0])
     mc, exact = _by_seed(rows, 0), _by_seed(rows, "exact")
     assert len(mc) == len(exact) == 4
@@ -24,7 +26,7 @@ def test_prop1_pair_optimal_field_has_zero_variance(field, coupling):
     rows = field_gradvar_rows(field=field, coupling=coupling, angle=90, mean=[1.0, 2.0], cov=[[2.0, 0.3], [0.3, 1.0]],
                               bins=5, n_per_bin=50, seeds=[0, 1])
     assert max(r["grad_var"] for r in rows) <= 1e-10 and max(r["loss"] for r in rows) <= 1e-10
-    noisy = field_gradvar_rows(field=field, coupling=coupling, angle=90, interpolant="cfm", sigma=0.05,
+    noisy = field_gradvar_rows(field=field, coupling=coupling, angle=90, interpolant=CFM(0.05),
                                mean=[1.0, 2.0], cov=[[2.0, 0.3], [0.3, 1.0]], bins=5, n_per_bin=50, seeds=[0])
     assert min(r["grad_var"] for r in noisy) > 1e-6
 
@@ -41,7 +43,8 @@ def test_evaluate_task_writes_table_and_figure(tmp_path):
 
     from helpers import run_entry
 
-    run_entry("evaluate.py", "task=gradvar_field", "field=rot", "field.angle=90", "gradvar_field.coupling=rotated",
+    run_entry("evaluate.py", "task=gradvar_field", "field=rot", "field.angle=90", "coupling=rotated", "coupling.angle=90",
+              "interpolant=linear",
               "gradvar_field.bins=4", "gradvar_field.n_per_bin=20", "gradvar_field.seeds=[0,1]",
               f"hydra.run.dir={tmp_path}")
     with (tmp_path / "gradvar_field.csv").open() as fh:

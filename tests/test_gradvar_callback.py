@@ -7,7 +7,6 @@ import torch
 
 from flowmatch import gradvar as gv
 from flowmatch.callbacks.gradvar import GradientVarianceCallback
-from flowmatch.losses import probe_loss
 from flowmatch.couplings import FixedCoupling
 from flowmatch.data import GaussianDataModule
 from flowmatch.interpolants import CFM
@@ -36,7 +35,7 @@ def union_stats(run_dir, world_size: int, step: int, sigma: float = 0.0):
     total = None
     for rank in range(world_size):
         cb.fixed = cb.draw_fixed(dm.coupling, module.interpolant, rank)
-        sums = gv.bin_sums(module.model, probe_loss, cb.probe(module), cb.edges, method="loop")
+        sums = gv.bin_sums(module.model, cb.probe(module), cb.edges, method="loop")
         total = sums if total is None else total + sums
     return total.to_stats()
 

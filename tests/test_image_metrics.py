@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from flowmatch import image_metrics as IM
-from flowmatch.data.image_modules import StandardNormal
+from flowmatch.distributions import StandardNormal
 from flowmatch.distributions import Empirical
-from flowmatch.evaluation import EvalSetup, FIDWarning, evaluate_flow
+from flowmatch.evaluation import EvalOptions, EvalSetup, FIDWarning, evaluate_flow
 from flowmatch.sampling import Solver
 
 
@@ -86,9 +86,9 @@ def _image_setup(train):
 def test_evaluate_flow_image_metrics_and_protocol():
     train = _images(200)
     zero = lambda x, t: torch.zeros_like(x)  # noqa: E731 - generated = the noise itself
-    res = evaluate_flow(zero, _image_setup(train), Solver("euler", steps=3), n_fresh=64, fid=True,
-                        feature_extractor=_net(), fid_split="test", fid_kwargs={"kid_subset_size": 32},
-                        batch_size=16)
+    options = EvalOptions(n_fresh=64, fid=True, feature_extractor=_net(), fid_split="test", kid_subset_size=32,
+                          batch_size=16)
+    res = evaluate_flow(zero, _image_setup(train), Solver("euler", steps=3), options)
     m, p = res.metrics, res.protocol
     assert m["eval/mem_rate"] == 0.0 and m["eval/fid"] > 0 and "eval/kid" in m and m["eval/nfe"] == 3.0
     assert p["protocol/split"] == "test" and p["protocol/n_real"] == 50.0 and p["protocol/solver"] == "euler3"
@@ -96,7 +96,7 @@ def test_evaluate_flow_image_metrics_and_protocol():
     assert p["protocol/feature_extractor"] == "Sequential"
     # a field that returns a training image: every sample memorized
     copy = lambda x, t: train[:1].expand_as(x) - x  # noqa: E731 - x1 = x0 + v = train[0]
-    res = evaluate_flow(copy, _image_setup(train), Solver("euler", steps=1), n_fresh=16)
+    res = evaluate_flow(copy, _image_setup(train), Solver("euler", steps=1), EvalOptions(n_fresh=16))
     assert res.metrics["eval/mem_rate"] == 1.0
 
 
@@ -109,6 +109,7 @@ def test_evaluate_flow_inception_unavailable_warns_and_keeps_other_metrics(monke
     monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", offline)
     zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
     with pytest.warns(FIDWarning, match="eval/fid and eval/kid skipped: Inception-v3 weights are unavailable"):
-        res = evaluate_flow(zero, _image_setup(_images(100)), Solver("euler", steps=2), n_fresh=32, fid=True)
+        res = evaluate_flow(zero, _image_setup(_images(100)), Solver("euler", steps=2),
+                            EvalOptions(n_fresh=32, fid=True))
     assert "eval/fid" not in res.metrics and {"eval/mem_rate", "eval/mmd_gen", "eval/w2"} <= set(res.metrics)
     assert res.protocol["protocol/feature_extractor"] == "inception (unavailable)"

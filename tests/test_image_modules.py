@@ -7,7 +7,7 @@ from test_images import CIFAR_TEST_SIZE, CIFAR_TRAIN_SIZES, _write_celeba, _writ
 
 from flowmatch.couplings import FixedCoupling, IndependentCoupling, OTCoupling
 from flowmatch.data import CIFAR10DataModule, DigitsDataModule, RandomImageDataModule
-from flowmatch.data.image_modules import StandardNormal
+from flowmatch.distributions import StandardNormal
 from flowmatch.distributions import Empirical
 
 SMALL = ["model=unet", "solver=euler", "solver.steps=3", "eval.euler_steps=[1]", "trainer.max_steps=4",

@@ -22,7 +22,9 @@ def test_run_dir_contract(fixed_run):
     assert (fixed_run / "checkpoints" / "last.ckpt").exists()
     assert (fixed_run / "csv" / "metrics.csv").exists()
     m = read_metrics(fixed_run)
-    assert all("/" in k for k in m) and all(isinstance(v, float) for v in m.values())
+    assert all("/" in k for k in m)
+    assert all(isinstance(v, float) for k, v in m.items() if not k.startswith("protocol/"))
+    assert all(isinstance(v, (float, str)) for v in m.values())
     for key in ["train/loss", "eval/pair_acc", "eval/l2_partner", "eval/l2_ot", "eval/mmd_mem", "eval/mmd_gen",
                 "eval/w2", "eval/nfe", "eval/pair_acc@euler7", "eval/l2_ot@euler1"]:
         assert key in m, key
@@ -53,6 +55,23 @@ def test_evaluate_with_other_solver(fixed_run, tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["protocol/solver"] == "euler7" and m["eval/nfe"] == 7.0
     assert m["eval/pair_acc"] == pytest.approx(m["eval/pair_acc@euler7"])
+
+
+def test_train_and_evaluate_write_the_same_metrics(fixed_run, tmp_path):
+    """One evaluation path: evaluate.py on the final checkpoint with the run's own options reproduces the
+    end-of-training eval/ and protocol/ keys and values (train.py adds only train/ and val/ keys)."""
+    run_entry("evaluate.py", f"ckpt_path={fixed_run}/checkpoints/last.ckpt", "eval.euler_steps=[1,7]",
+              "eval.n_fresh=128", f"hydra.run.dir={tmp_path}")  # the options of debug=fast
+    trained, evaluated = read_metrics(fixed_run), read_metrics(tmp_path)
+    shared = {k: v for k, v in trained.items() if k.split("/")[0] in ("eval", "protocol")}
+    assert set(shared) == set(evaluated)
+    for k, v in shared.items():
+        if k == "protocol/ckpt_path":
+            assert v.endswith("last.ckpt") and evaluated[k].endswith("last.ckpt")
+        elif isinstance(v, float):
+            assert evaluated[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+        else:
+            assert evaluated[k] == v, k
 
 
 def test_backward_direction_and_reflow(tmp_path):

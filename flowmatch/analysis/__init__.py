@@ -1,23 +1,13 @@
-"""Closed-form analysis of flow matching between Gaussians (the paper's Sec. 3 and Lemma 1, Prop. 1).
+"""Closed-form analysis of flow matching between Gaussians (the paper's Sec. 3, Lemma 1 and Prop. 1).
 
-``gaussian``: W2-optimal Gaussian map, Bures W2, rotations, Lemma-1 affine fields.
-``oracle``: exact per-t (and per-time-bin) loss and gradient-variance moments of the affine model.
-Plain torch; no Lightning/Hydra/wandb.
+A leaf of the package: it imports the core (:mod:`flowmatch.gaussian` for the geometry, the models, the
+gradient-variance instrument) and nothing in the core imports it.
+
+``lemma1``: the Lemma-1 fields as callables. ``oracle``: exact per-t (and per-time-bin) loss and
+gradient-variance moments of the affine model. ``field_table``: Monte Carlo next to the closed form.
 """
-from flowmatch.analysis.gaussian import (
-    AffineField,
-    affine_velocity,
-    coupling_map,
-    field_params,
-    gaussian_ot_map,
-    gaussian_w2,
-    lemma1_field,
-    mean_cov,
-    rotation_matrix,
-    singular_times,
-)
+from flowmatch.analysis.lemma1 import AffineField, lemma1_field
 from flowmatch.analysis.oracle import (
-    COUPLINGS,
     SingularFieldError,
     expected_grad_variance,
     expected_loss,
@@ -28,16 +18,7 @@ from flowmatch.analysis.oracle import (
 
 __all__ = [
     "AffineField",
-    "affine_velocity",
-    "coupling_map",
-    "field_params",
-    "gaussian_ot_map",
-    "gaussian_w2",
     "lemma1_field",
-    "mean_cov",
-    "rotation_matrix",
-    "singular_times",
-    "COUPLINGS",
     "SingularFieldError",
     "expected_grad_variance",
     "expected_loss",

@@ -36,11 +36,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from flowmatch.analysis.gaussian import _sqrtm, coupling_map, field_params, mean_cov
+from flowmatch.gradvar import bin_edges
+from flowmatch.gaussian import coupling_map, field_params, mean_cov, sqrtm_psd
 from flowmatch.interpolants import INTERPOLANTS, Interpolant
 
 __all__ = [
-    "COUPLINGS",
+    "CLOSED_FORM_COUPLINGS",
     "residual_coefficients",
     "expected_moments",
     "expected_loss",
@@ -49,7 +50,7 @@ __all__ = [
     "SingularFieldError",
 ]
 
-COUPLINGS = ("independent", "ot", "rotated")
+CLOSED_FORM_COUPLINGS = ("independent", "ot", "rotated")  # the couplings (flowmatch.couplings.COUPLINGS) with moments here
 
 
 class SingularFieldError(ValueError):
@@ -82,8 +83,8 @@ def residual_coefficients(model, t: float, interpolant="linear", coupling="indep
     Returns a dict with ``A`` (d, 3d), ``c`` (d,), ``W`` = (I + t Theta)^{-1}, ``P``, ``p`` (x_t = P xi + p),
     ``theta``, ``Theta``. Raises ``SingularFieldError`` when I + t Theta is singular.
     """
-    if coupling not in COUPLINGS:
-        raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+    if coupling not in CLOSED_FORM_COUPLINGS:
+        raise ValueError(f"coupling must be one of {list(CLOSED_FORM_COUPLINGS)} for the closed form, got {coupling!r}")
     theta, Theta = _params(model, mean, cov, angle, dim)
     d = theta.shape[0]
     mu, m_cov = mean_cov(mean, cov, d)
@@ -96,7 +97,7 @@ def residual_coefficients(model, t: float, interpolant="linear", coupling="indep
     x0 = torch.cat([eye, zero, zero], 1)
     eps = torch.cat([zero, zero, eye], 1)
     if coupling == "independent":
-        x1, b = torch.cat([zero, _sqrtm(m_cov), zero], 1), mu
+        x1, b = torch.cat([zero, sqrtm_psd(m_cov), zero], 1), mu
     else:
         bmat, b = coupling_map(coupling, mu, m_cov, angle)
         x1 = torch.cat([bmat, zero, zero], 1)
@@ -162,17 +163,6 @@ def expected_grad_variance(model, t: float, interpolant="linear", coupling="inde
     return expected_moments(model, t, interpolant, coupling, mean, cov, sigma, angle, dim)["grad_var"]
 
 
-def _edges(edges) -> list[float]:
-    if isinstance(edges, int):
-        if edges < 1:
-            raise ValueError(f"edges: number of bins must be >= 1, got {edges}")
-        return [i / edges for i in range(edges + 1)]
-    out = [float(e) for e in edges]
-    if len(out) < 2 or any(b <= a for a, b in zip(out, out[1:])):
-        raise ValueError(f"edges must be increasing with at least two entries, got {out}")
-    return out
-
-
 def field_gradvar_table(field, angle: float = 180.0, coupling: str = "independent", interpolant="linear",
                         sigma: float = 0.0, mean=None, cov=None, edges: int | Sequence[float] = 10,
                         n_t_per_bin: int = 16, dim: int | None = None) -> list[dict]:
@@ -200,7 +190,7 @@ def field_gradvar_table(field, angle: float = 180.0, coupling: str = "independen
     n = int(n_t_per_bin)
     if n < 1:
         raise ValueError(f"n_t_per_bin must be >= 1, got {n}")
-    e = _edges(edges)
+    e = bin_edges(edges).tolist()
     if isinstance(field, str):
         field = field_params(field, mean, cov, angle, dim)
     rows = []

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from flowmatch import gradvar as gv
-from flowmatch.losses import probe_loss
+from flowmatch.interpolants import PathSample
 from flowmatch.sampling import Solver
+from flowmatch.streams import generator
 
 SOURCES = ("interpolant", "pairs", "integrated")
 
@@ -50,7 +51,7 @@ class GradientVarianceCallback(L.Callback):
         self.method, self.chunk_size, self.seed, self.groups = method, int(chunk_size), int(seed), groups
         self.solver = Solver("euler", steps=int(ode_steps))
         self.filename, self.plot = filename, bool(plot)
-        self.fixed: dict[str, Tensor] | None = None
+        self.fixed: PathSample | None = None
         self.last_step = -1
         self.last_stats: gv.GradVarStats | None = None
 
@@ -69,41 +70,39 @@ class GradientVarianceCallback(L.Callback):
         if self.source == "pairs" and datamodule.coupling.pairs is None:
             self._pairs(datamodule.coupling, 1, None)
 
-    def draw_fixed(self, coupling, interpolant, rank: int = 0) -> dict[str, Tensor]:
-        """The fixed part of the probe (x0, x1, t, eps), seeded per rank so ranks probe disjoint samples."""
-        # Its own random stream (seed alone would replay the first training batch), one per rank.
-        g = torch.Generator().manual_seed(self.seed + 2_000_003 + 7919 * rank)
+    def draw_fixed(self, coupling, interpolant, rank: int = 0) -> PathSample:
+        """The fixed part of the probe (x0, x1, t, eps and, for the interpolant and pairs sources, x_t, u_t),
+        from the ``probe`` random stream of this rank, so ranks probe disjoint samples."""
+        g = generator(self.seed, "probe", rank)
         x0, x1 = self._pairs(coupling, self.n_per_bin * self.K, g)
         t = gv.stratified_times(self.n_per_bin, self.edges, g).float()
         eps = torch.randn(x0.shape, generator=g) if interpolant.stochastic else torch.zeros_like(x0)
-        return {"x0": x0, "x1": x1, "t": t, "eps": eps}
+        return interpolant(x0, x1, t, eps)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         trainer.datamodule.setup(stage)
         self.fixed = self.draw_fixed(trainer.datamodule.coupling, pl_module.interpolant, trainer.global_rank)
 
-    def probe(self, pl_module) -> dict[str, Tensor]:
-        """The probe batch {xt, ut, t} on the module's device."""
-        f = {k: v.to(pl_module.device) for k, v in self.fixed.items()}
-        t = f["t"]
+    def probe(self, pl_module) -> PathSample:
+        """The probe on the module's device. ``integrated``: x_t on the current model's Euler trajectory from
+        x0 (linearly interpolated on the uniform grid at each probe time), x1 its endpoint, u_t = x1 - x0."""
+        f = self.fixed.to(pl_module.device)
         if self.source != "integrated":
-            interp = pl_module.interpolant
-            return {"xt": interp.x_t(f["x0"], f["x1"], t, f["eps"]), "ut": interp.u_t(f["x0"], f["x1"], t, f["eps"]),
-                    "t": t}
-        res = self.solver.integrate(pl_module.model, f["x0"], return_traj=True)
-        # linear interpolation of the trajectory (on the uniform Euler grid) at each probe time
+            return f
+        t, x0 = f.t, f.x0
+        res = self.solver.integrate(pl_module.model, x0, return_traj=True)
         pos = t.double() * self.solver.steps
         lo = pos.floor().long().clamp(max=self.solver.steps - 1)
-        w = (pos - lo).to(res.traj.dtype).reshape(-1, *[1] * (f["x0"].dim() - 1))
+        w = (pos - lo).to(res.traj.dtype).reshape(-1, *[1] * (x0.dim() - 1))
         idx = torch.arange(len(t), device=t.device)
         xt = (1 - w) * res.traj[lo, idx] + w * res.traj[lo + 1, idx]
-        return {"xt": xt, "ut": res.x1 - f["x0"], "t": t}
+        return PathSample(x0, res.x1, t, torch.zeros_like(x0), xt, res.x1 - x0)
 
     # --- measurement ----------------------------------------------------------------------
     def measure(self, trainer, pl_module) -> gv.GradVarStats:
         """Bin sums on this rank's probe, summed over ranks, turned into statistics."""
         with torch.inference_mode(False), torch.enable_grad():
-            sums = gv.bin_sums(pl_module.model, probe_loss, self.probe(pl_module), self.edges, method=self.method,
+            sums = gv.bin_sums(pl_module.model, self.probe(pl_module), self.edges, method=self.method,
                                chunk_size=self.chunk_size, groups=self.groups)
         if trainer.world_size > 1:
             flat = trainer.strategy.reduce(sums.as_tensor().to(pl_module.device), reduce_op="sum")

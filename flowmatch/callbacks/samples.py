@@ -27,6 +27,7 @@ from torchvision.utils import make_grid, save_image
 
 from flowmatch.evaluation import ot_partners
 from flowmatch.sampling import Solver
+from flowmatch.streams import generator
 
 __all__ = ["SampleGrid"]
 
@@ -56,7 +57,7 @@ class SampleGrid(L.Callback):
             return
         setup = dm.eval_setup()  # CPU copies of the ends and the training pairs
         # Its own random stream: seed alone would redraw the first training sources of a fixed coupling.
-        g = torch.Generator().manual_seed(self.seed + 1_000_003)
+        g = generator(self.seed, "samples")
         self.rows = {"noise": setup.p0.sample(self.n_samples, g).cpu()}
         if setup.pairs is not None:
             k = min(self.n_pairs_shown, len(setup.pairs[0]))

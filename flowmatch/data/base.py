@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from flowmatch.couplings import Coupling
 from flowmatch.direction import apply_direction
 from flowmatch.evaluation import EvalSetup
+from flowmatch.streams import generator, stream_seed
 
 
 class PairStream(IterableDataset):
@@ -17,7 +18,7 @@ class PairStream(IterableDataset):
         self.coupling, self.batch_size, self.seed = coupling, int(batch_size), int(seed)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.seed)  # the seed of this rank's "train" stream
         while True:
             yield self.coupling.sample(self.batch_size, g)
 
@@ -54,23 +55,23 @@ class FlowDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(PairStream(self.coupling, self.batch_size, self.seed + 1000 * self._rank()), batch_size=None)
+        seed = stream_seed(self.seed, "train", self._rank())
+        return DataLoader(PairStream(self.coupling, self.batch_size, seed), batch_size=None)
 
-    def held_out_pairs(self, n: int, generator: torch.Generator, split: str) -> tuple:
+    def held_out_pairs(self, n: int, g: torch.Generator, split: str) -> tuple:
         """``n`` fixed pairs for ``split`` ("val" or "test"); default: drawn from the coupling.
         Image data sets override this to pair their held-out split with fresh noise."""
-        return self.coupling.sample(n, generator)
+        return self.coupling.sample(n, g)
 
-    def _held_out(self, n: int, offset: int, split: str) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed + offset)
-        x0, x1 = self.held_out_pairs(n, g, split)
+    def _held_out(self, n: int, split: str) -> DataLoader:
+        x0, x1 = self.held_out_pairs(n, generator(self.seed, split), split)
         return DataLoader(TensorDataset(x0, x1), batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._held_out(self.val_size, 10_007, "val")
+        return self._held_out(self.val_size, "val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._held_out(self.test_size, 20_011, "test")
+        return self._held_out(self.test_size, "test")
 
     def state_dict(self) -> dict:
         return {"coupling": self.coupling.state_dict()}
@@ -79,14 +80,7 @@ class FlowDataModule(L.LightningDataModule):
         self.coupling.load_state_dict(state_dict.get("coupling", {}))
 
     # --- evaluation -------------------------------------------------------------------------
-    def ot_map(self):
-        """Closed-form x0 -> T_OT(x0), or None when unknown (default)."""
-        return None
-
-    def target_moments(self):
-        """(mean, cov) of p1 when known in closed form, else None."""
-        return None
-
     def eval_setup(self) -> EvalSetup:
+        """What evaluation needs, from the ends and the coupling (:meth:`EvalSetup.from_ends`)."""
         self.setup()
-        return EvalSetup(self.p0, self.p1, self.coupling.pairs, self.ot_map(), self.target_moments())
+        return EvalSetup.from_ends(self.p0, self.p1, self.coupling)

@@ -52,18 +52,3 @@ class GaussianDataModule(FlowDataModule):
         else:
             data = GaussianMixture(self._gmm_centers(), self.std)
         return noise, data
-
-    def ot_map(self):
-        """Gaussian-to-Gaussian OT map T(x) = A (x - m0) + m1 (W2-optimal, closed form)."""
-        self.setup()
-        if not all(isinstance(p, Gaussian) for p in (self.p0, self.p1)):
-            return None
-        from flowmatch.analysis.gaussian import gaussian_ot_map
-
-        a, b = gaussian_ot_map(self.p0.mean, self.p0.cov, self.p1.mean, self.p1.cov)
-        a, b = a.float(), b.float()
-        return lambda x: x @ a.T + b
-
-    def target_moments(self):
-        self.setup()
-        return (self.p1.mean, self.p1.cov) if hasattr(self.p1, "cov") else None

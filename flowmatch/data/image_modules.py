@@ -21,33 +21,14 @@ import warnings
 import torch
 from torch import Tensor
 
-from flowmatch.couplings import ot_assignment
 from flowmatch.data import images as I
 from flowmatch.data.base import FlowDataModule
 from flowmatch.direction import apply_direction
-from flowmatch.distributions import Distribution, Empirical
+from flowmatch.distributions import Empirical, StandardNormal
 from flowmatch.evaluation import EvalSetup
 
-__all__ = ["StandardNormal", "ImageDataModule", "CIFAR10DataModule", "CelebADataModule", "DigitsDataModule",
+__all__ = ["ImageDataModule", "CIFAR10DataModule", "CelebADataModule", "DigitsDataModule",
            "RandomImageDataModule"]
-
-
-class StandardNormal(Distribution):
-    """N(0, I) with event ``shape``, without a covariance matrix (12,288^2 floats for 64x64 RGB).
-
-    On a ``device`` other than the CPU, a device generator is seeded from the CPU ``generator``.
-    """
-
-    def __init__(self, shape, device: torch.device | str | None = None) -> None:
-        self.shape, self.device = tuple(shape), torch.device(device or "cpu")
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        if self.device.type == "cpu":
-            return torch.randn(n, *self.shape, generator=generator)
-        g = None
-        if generator is not None:
-            g = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        return torch.randn(n, *self.shape, generator=g, device=self.device)
 
 
 class ImageDataModule(FlowDataModule):
@@ -118,21 +99,20 @@ class ImageDataModule(FlowDataModule):
             self._held[split] = self._checked(self.load(split))
         return self._held[split]
 
-    def held_out_pairs(self, n: int, generator: torch.Generator, split: str):
+    def held_out_pairs(self, n: int, g: torch.Generator, split: str):
+        """At most ``n`` images of the held-out ``split`` (without replacement) and as many noise draws, put at
+        t = 0 / t = 1 by the direction and paired by the coupling's rule (:meth:`Coupling.pair`)."""
         data = self.held_out(split)
-        data = data[torch.randperm(len(data), generator=generator)[:n]]
-        noise = torch.randn(len(data), *self.shape, generator=generator)
-        x0, x1 = (noise, data) if self.direction == "forward" else (data, noise)
-        if getattr(self.coupling, "name", "") == "ot":
-            x1 = x1[ot_assignment(x0, x1)]
-        return x0, x1
+        data = data[torch.randperm(len(data), generator=g)[:n]]
+        noise = StandardNormal(self.shape).sample(len(data), g)
+        return self.coupling.pair(*apply_direction(noise, data, self.direction))
 
     def eval_setup(self) -> EvalSetup:
+        """CPU ends and, when the images are the target (forward), the training and held-out images."""
         self.setup()
-        p0, p1 = self._cpu_ends
         forward = self.direction == "forward"
-        return EvalSetup(p0, p1, self.coupling.pairs, train_data=self.train_data if forward else None,
-                         test_data=(lambda: self.held_out("test")) if forward else None)
+        return EvalSetup.from_ends(*self._cpu_ends, self.coupling, train_data=self.train_data if forward else None,
+                                   test_data=(lambda: self.held_out("test")) if forward else None)
 
 
 class CIFAR10DataModule(ImageDataModule):

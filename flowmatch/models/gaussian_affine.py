@@ -5,7 +5,7 @@
 This family contains the straight-line field of every affine coupling x1 = B x0 + b of x0 ~ N(0, I)
 (theta = b, Theta = B - I); in particular the OT field (``"ot"``, Theta = M^{1/2} - I) and the rotated
 field (``"rot"``, Theta_R = M^{1/2} R(angle) - I) for a target N(mean, M = cov). See
-``flowmatch.analysis.gaussian``; exact loss and gradient-variance moments of this model are in
+``flowmatch.gaussian``; exact loss and gradient-variance moments of this model are in
 ``flowmatch.analysis.oracle``.
 
 The field is undefined where I + t Theta is singular (e.g. ``"rot"`` with angle 180 and cov = I at
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmatch.analysis.gaussian import AffineField, affine_velocity, field_params, singular_times
+from flowmatch.gaussian import affine_velocity, field_params, singular_times
 
 __all__ = ["GaussianAffine"]
 
@@ -53,10 +53,6 @@ class GaussianAffine(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"GaussianAffine expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
         return affine_velocity(self.theta, self.Theta, x, t)
-
-    def as_field(self) -> AffineField:
-        """A detached float64 copy of the current field (callable)."""
-        return AffineField(self.theta.detach().double().clone(), self.Theta.detach().double().clone())
 
     def singular_times(self) -> list[float]:
         """Times in [0, 1] where the current field is undefined."""

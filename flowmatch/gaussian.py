@@ -1,4 +1,8 @@
-"""Closed-form Gaussian transport: the W2-optimal map, the Bures distance and the paper's Lemma-1 fields.
+"""Gaussian geometry, in float64: PSD square roots, moments from config values, rotations, the W2-optimal map
+between Gaussians and the Bures W2 distance, and the straight-line (Lemma-1) fields of affine couplings.
+
+Couplings, metrics, data, models and the closed-form analysis (``flowmatch.analysis``) all import these; this
+module imports nothing of flowmatch.
 
 Setting of the paper's Gaussian analysis (Reu et al. 2025, Sec. 3): source x0 ~ N(0, I_d), target
 x1 ~ N(mu, M). An affine map x1 = B x0 + b sends every straight line x_t = (1 - t) x0 + t x1 through
@@ -21,34 +25,63 @@ Rotations (``rotation_matrix``): in d dimensions the consecutive coordinate plan
 are each rotated by the same angle; with d odd the last coordinate is left unrotated. Multiples of 90
 degrees use exact cosines/sines so that e.g. 180 degrees gives exactly -1 on the rotated planes.
 
-All computations are in float64; functions accept tensors, arrays, lists or (for config values) a
-scalar mean (``mean * 1``) and a scalar / per-coordinate / full covariance (as ``data.cov``).
+Functions accept tensors, arrays, lists or (for config values) a scalar mean (``mean * 1``) and a scalar /
+per-coordinate / full covariance (as ``data.cov``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from flowmatch.distributions import as_cov_matrix, sqrtm_psd
-
 __all__ = [
+    "sqrtm_psd",
+    "as_cov_matrix",
+    "as_mean",
+    "mean_cov",
     "gaussian_ot_map",
     "gaussian_w2",
     "rotation_matrix",
     "coupling_map",
-    "lemma1_field",
-    "field_params",
-    "AffineField",
     "affine_velocity",
+    "field_params",
     "singular_times",
-    "mean_cov",
 ]
 
 
-# ----------------------------------------------------------------------------- helpers
+def sqrtm_psd(a: Tensor) -> Tensor:
+    """Symmetric square root of a symmetric positive semi-definite matrix (eigendecomposition in float64,
+    of the symmetrised (A + A^T)/2; negative rounding-level eigenvalues clamped to 0)."""
+    a64 = a.double()
+    evals, evecs = torch.linalg.eigh((a64 + a64.T) / 2)
+    root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return root.to(a.dtype)
+
+
+def as_cov_matrix(cov, dim: int) -> Tensor:
+    """Covariance from config: a scalar c (c I), a list of d variances (diagonal) or a d x d matrix."""
+    c = torch.as_tensor(cov, dtype=torch.float64)
+    if c.dim() == 0:
+        return c * torch.eye(dim, dtype=torch.float64)
+    if c.dim() == 1 and c.shape[0] == dim:
+        return torch.diag(c)
+    if c.shape == (dim, dim):
+        if not torch.allclose(c, c.T):
+            raise ValueError("data.cov must be symmetric")
+        return c
+    raise ValueError(f"data.cov must be a scalar, a list of {dim} variances or a {dim}x{dim} matrix, got shape {tuple(c.shape)}")
+
+
+def as_mean(mean, dim: int) -> Tensor:
+    """Float64 mean (dim,) from config: a scalar (times the all-ones vector) or a list of ``dim`` numbers."""
+    m = torch.as_tensor(mean, dtype=torch.float64)
+    if m.dim() == 0:
+        return m * torch.ones(dim, dtype=torch.float64)
+    if m.shape != (dim,):
+        raise ValueError(f"data.mean must be a scalar or a list of {dim} numbers, got shape {tuple(m.shape)}")
+    return m
+
 
 def _out_dtype(*xs) -> torch.dtype:
     """Promoted dtype of the floating torch tensors among ``xs`` (float64 when there are none)."""
@@ -91,11 +124,6 @@ def _eigh_sym(a: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.eigh((a + a.T) / 2)
 
 
-_sqrtm = sqrtm_psd  # symmetric PSD square root (one implementation, in flowmatch.distributions)
-
-
-# ----------------------------------------------------------------------------- transport
-
 def gaussian_ot_map(mean0, cov0, mean1, cov1) -> tuple[Tensor, Tensor]:
     """(A, b) with T(x) = A x + b the W2-optimal (Monge) map from N(mean0, cov0) to N(mean1, cov1).
 
@@ -111,7 +139,7 @@ def gaussian_ot_map(mean0, cov0, mean1, cov1) -> tuple[Tensor, Tensor]:
         raise ValueError("gaussian_ot_map: cov0 must be positive definite")
     s0_half = (evecs * evals.sqrt()) @ evecs.T
     s0_ihalf = (evecs * evals.rsqrt()) @ evecs.T
-    mid = _sqrtm(s0_half @ s1 @ s0_half)
+    mid = sqrtm_psd(s0_half @ s1 @ s0_half)
     a = s0_ihalf @ mid @ s0_ihalf
     a = (a + a.T) / 2
     b = m1 - a @ m0
@@ -127,7 +155,7 @@ def gaussian_w2(mean0, cov0, mean1, cov1, squared: bool = False) -> Tensor:
     dtype = _out_dtype(mean0, cov0, mean1, cov1)
     m0, s0 = mean_cov(mean0, cov0)
     m1, s1 = mean_cov(mean1, cov1, dim=m0.shape[0])
-    s1_half = _sqrtm(s1)
+    s1_half = sqrtm_psd(s1)
     cross = torch.linalg.eigvalsh(s1_half @ s0 @ s1_half).clamp_min(0).sqrt().sum()
     w2sq = ((m0 - m1) ** 2).sum() + torch.trace(s0) + torch.trace(s1) - 2 * cross
     w2sq = w2sq.clamp_min(0)
@@ -166,11 +194,9 @@ def coupling_map(coupling: str, mean, cov, angle: float = 180.0, dim: int | None
     if coupling == "ot":
         return gaussian_ot_map(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), m, c)
     if coupling == "rotated":
-        return _sqrtm(c) @ rotation_matrix(d, angle), m
+        return sqrtm_psd(c) @ rotation_matrix(d, angle), m
     raise ValueError(f"coupling_map: coupling must be 'ot' or 'rotated', got {coupling!r}")
 
-
-# ----------------------------------------------------------------------------- Lemma-1 fields
 
 def affine_velocity(theta: Tensor, Theta: Tensor, x: Tensor, t) -> Tensor:
     """v(x, t) = theta + Theta (I + t Theta)^{-1} (x - t theta) for x (B, d) and t (B,) or a scalar.
@@ -188,30 +214,6 @@ def affine_velocity(theta: Tensor, Theta: Tensor, x: Tensor, t) -> Tensor:
     rhs = x - t[:, None] * theta
     y = torch.linalg.solve(mats, rhs.unsqueeze(-1)).squeeze(-1)
     return theta + y @ Theta.T
-
-
-@dataclass
-class AffineField:
-    """The Lemma-1 velocity field (*) with parameters ``theta`` (d,) and ``Theta`` (d, d); callable."""
-
-    theta: Tensor
-    Theta: Tensor
-
-    def __call__(self, x: Tensor, t) -> Tensor:
-        return affine_velocity(self.theta, self.Theta, x, t)
-
-    @property
-    def dim(self) -> int:
-        return self.theta.shape[0]
-
-
-def lemma1_field(theta, Theta) -> AffineField:
-    """The field v(x, t) = theta + Theta (I + t Theta)^{-1} (x - t theta) as a callable ``AffineField``."""
-    theta = torch.as_tensor(theta, dtype=torch.float64)
-    Theta = torch.as_tensor(Theta, dtype=torch.float64)
-    if Theta.shape != (theta.shape[0], theta.shape[0]):
-        raise ValueError(f"Theta must be {theta.shape[0]}x{theta.shape[0]}, got {tuple(Theta.shape)}")
-    return AffineField(theta, Theta)
 
 
 def field_params(field: str, mean, cov, angle: float = 180.0, dim: int | None = None) -> tuple[Tensor, Tensor]:
