@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 OUT     ?= outputs/demo
 export WANDB_MODE ?= offline
 
-.PHONY: help install demo test test-fast test-slow benchmark gpu-check clean
+.PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -25,7 +25,15 @@ demo: install  ## 180° rotation, sigma in {0, 0.05}: train both (parallel), fig
 	  hydra.sweep.dir=$(OUT) hydra.sweep.subdir=sigma\$${interpolant.sigma}
 	$(BIN)/python -m flowmatch.plots.rotation $(OUT)
 
-test: install  ## the test suite, slow (multi-process, sweep) tests included
+lint: install  ## ruff: lint (pyflakes, pycodestyle, import order, bugbear, pyupgrade) and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install  ## ruff: fix what can be fixed and format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: install lint  ## lint, then the test suite, slow (multi-process, sweep) tests included
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
 
 test-fast: install  ## the fast tests only

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmatch.interpolants import Interpolant
+from flowmatch.keys import metric
 from flowmatch.losses import per_sample_loss
 from flowmatch.streams import generator
 
@@ -94,7 +95,7 @@ class FlowMatchingModule(L.LightningModule):
         loss = per_sample_loss(self.train_model(), self.interpolant(x0, x1, t, eps)).mean()
         # Logging every step costs more than a small MLP step; log at the logger's cadence.
         if self.global_step % self.log_every == 0:
-            self.log("train/loss", loss.detach(), prog_bar=True)
+            self.log(metric("train/loss"), loss.detach(), prog_bar=True)
         return loss
 
     def _held_out_step(self, batch, prefix: str) -> None:
@@ -104,7 +105,7 @@ class FlowMatchingModule(L.LightningModule):
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype) if self.interpolant.stochastic \
             else torch.zeros_like(x0)
         path = self.interpolant(x0, x1, t, eps)
-        self.log(f"{prefix}/loss", per_sample_loss(self.velocity_model(), path).mean(), sync_dist=True)
+        self.log(metric(f"{prefix}/loss"), per_sample_loss(self.velocity_model(), path).mean(), sync_dist=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._held_out_step(batch, "val")

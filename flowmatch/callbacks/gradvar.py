@@ -28,6 +28,7 @@ from torch import Tensor
 
 from flowmatch import gradvar as gv
 from flowmatch.interpolants import PathSample
+from flowmatch.keys import gradvar_key
 from flowmatch.sampling import Solver
 from flowmatch.streams import generator
 
@@ -119,9 +120,9 @@ class GradientVarianceCallback(L.Callback):
             return
         logged = {}
         for k in range(self.K):
-            logged[f"gradvar/bin_{k:02d}/var"] = float(stats.grad_var[k])
-            logged[f"gradvar/bin_{k:02d}/sqnorm"] = float(stats.grad_sqnorm[k])
-            logged[f"gradvar/bin_{k:02d}/loss"] = float(stats.loss[k])
+            logged[gradvar_key(k, "var")] = float(stats.grad_var[k])
+            logged[gradvar_key(k, "sqnorm")] = float(stats.grad_sqnorm[k])
+            logged[gradvar_key(k, "loss")] = float(stats.loss[k])
         for lg in trainer.loggers:
             lg.log_metrics(logged, step=step)
         self._append_csv(self._csv_path(trainer), stats.rows(step))
