@@ -13,6 +13,11 @@ loss, end-of-training evaluation) uses the EMA weights. Its state (the EMA weigh
 checkpoint under ``callbacks["EMA"]["ema_state_dict"]`` and restored on resume; ``evaluate.py`` loads it
 with ``FlowMatchingModule.load_ema_from_checkpoint`` (``use_ema=true``, the default).
 Not supported with FSDP (the copy would hold sharded parameters).
+
+Why not ``torch.optim.swa_utils.AveragedModel`` or Lightning's ``EMAWeightAveraging``: neither has the warm-up
+schedule above, and both store the average under their own state-dict layout, whereas this callback keeps a plain
+copy of the network whose ``state_dict`` ``evaluate.py`` loads as is; the update itself is one fused
+``torch._foreach_lerp_``.
 """
 from __future__ import annotations
 

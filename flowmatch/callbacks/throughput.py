@@ -4,6 +4,10 @@ Times the optimizer steps from the end of step ``warmup_steps`` (compilation, cu
 first allocations are excluded) to the end of training, synchronising CUDA before reading the clock:
 steps/s = (N - warmup) / (t_N - t_warmup), samples/s = steps/s * batch size (per process). Prints one line
 ``flowmatch: throughput ...`` and writes ``throughput.json`` into the run dir (global rank 0).
+
+Why not Lightning's ``ThroughputMonitor``: it logs windowed rates to the loggers and needs a ``batch_size_fn``;
+this callback measures one rate over the whole run after a warm-up, synchronising CUDA, and writes it to a file
+that benchmark scripts read.
 """
 from __future__ import annotations
 
