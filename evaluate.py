@@ -47,6 +47,7 @@ def load_checkpoint(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
+    """Run ``cfg.task`` and return its summary (metrics for ``task=metrics``)."""
     if cfg.task not in TASKS:
         fail(f"task must be one of {list(TASKS)}, got {cfg.task!r}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)

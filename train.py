@@ -34,6 +34,7 @@ def _resolve_ckpt(ckpt_path, ckpt_dir: Path):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
+    """Train, evaluate at the end (``eval`` group) and write the run directory; returns metrics.json's content."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     set_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -27,6 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from flowmatch.gaussian import rotation_matrix, sqrtm_psd
+from flowmatch.streams import generator as stream_generator
 
 __all__ = [
     "Coupling", "IndependentCoupling", "OTCoupling", "FixedCoupling", "RotatedCoupling",
@@ -71,9 +72,11 @@ class Coupling:
 
     # Finite pair sets are saved in checkpoints so evaluation sees exactly the training pairs.
     def state_dict(self) -> dict:
+        """The finite pair set (keys ``x0``, ``x1``), empty for couplings that draw afresh."""
         return {} if self.pairs is None else {"x0": self.pairs[0], "x1": self.pairs[1]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the pair set saved by :meth:`state_dict` (a later ``setup`` keeps it)."""
         if state:
             self.pairs = (state["x0"], state["x1"])
 
@@ -89,6 +92,8 @@ def _check_n_pairs(n_pairs) -> int:
 
 
 class IndependentCoupling(Coupling):
+    """x0 ~ p0 and x1 ~ p1 drawn afresh and independently every step."""
+
     name = "independent"
 
     def sample(self, n, generator=None):
@@ -96,6 +101,9 @@ class IndependentCoupling(Coupling):
 
 
 class OTCoupling(Coupling):
+    """Exact minibatch OT: a fresh independent batch re-paired by the squared-L2 optimal assignment (scipy's
+    ``linear_sum_assignment``, so POT is not needed for this exact, unregularised case)."""
+
     name = "ot"
 
     def pair(self, x0, x1):
@@ -106,6 +114,8 @@ class OTCoupling(Coupling):
 
 
 class FixedCoupling(Coupling):
+    """``n_pairs`` independent pairs drawn once from the ``pairs`` stream of ``seed``; steps resample them."""
+
     name = "fixed"
     finite = True
 
@@ -116,11 +126,13 @@ class FixedCoupling(Coupling):
     def setup(self, p0, p1, generator=None):
         super().setup(p0, p1)
         if self.pairs is None:
-            g = torch.Generator().manual_seed(self.seed)
+            g = stream_generator(self.seed, "pairs")
             self.pairs = (p0.sample(self.n_pairs, g), p1.sample(self.n_pairs, g))
 
 
 class RotatedCoupling(Coupling):
+    """Gaussian ends: x1 = m1 + S1^{1/2} R(angle) S0^{-1/2} (x0 - m0); ``n_pairs`` fixed pairs or fresh ones."""
+
     name = "rotated"
 
     def __init__(self, angle: float = 180.0, n_pairs: int | None = None, seed: int = 0) -> None:
@@ -138,7 +150,7 @@ class RotatedCoupling(Coupling):
         s0_inv_sqrt = torch.linalg.inv(sqrtm_psd(p0.cov).double()).float()
         self.matrix = p1.cov_sqrt @ r @ s0_inv_sqrt
         if self.finite and self.pairs is None:
-            x0 = p0.sample(self.n_pairs, torch.Generator().manual_seed(self.seed))
+            x0 = p0.sample(self.n_pairs, stream_generator(self.seed, "pairs"))
             self.pairs = (x0, self.transport(x0))
 
     def transport(self, x0: Tensor) -> Tensor:
@@ -154,6 +166,8 @@ class RotatedCoupling(Coupling):
 
 
 class ShuffledOTCoupling(Coupling):
+    """``n_pairs`` pairs paired by OT over the whole set, then a ``fraction`` of the targets permuted by seed."""
+
     name = "shuffled_ot"
     finite = True
 
@@ -167,7 +181,7 @@ class ShuffledOTCoupling(Coupling):
         super().setup(p0, p1)
         if self.pairs is not None:
             return
-        g = torch.Generator().manual_seed(self.seed)
+        g = stream_generator(self.seed, "pairs")
         x0, x1 = p0.sample(self.n_pairs, g), p1.sample(self.n_pairs, g)
         x1 = x1[ot_assignment(x0, x1)]
         k = int(round(self.fraction * self.n_pairs))
@@ -179,6 +193,8 @@ class ShuffledOTCoupling(Coupling):
 
 
 class ReflowCoupling(Coupling):
+    """The pairs (x0, Phi(x0)) of a trained flow, loaded from ``pairs_path`` (``evaluate.py task=reflow_pairs``)."""
+
     name = "reflow"
     finite = True
 

@@ -103,6 +103,7 @@ def user_errors():
 
 
 def set_threads(threads) -> None:
+    """``torch.set_num_threads(threads)`` unless ``threads`` is None (config key ``threads``)."""
     if threads is not None:
         torch.set_num_threads(int(threads))
 

@@ -36,6 +36,8 @@ SOURCES = ("interpolant", "pairs", "integrated")
 
 
 class GradientVarianceCallback(L.Callback):
+    """Measures the per-time-bin gradient-variance statistics on a fixed probe during training (module docstring)."""
+
     def __init__(self, bins=10, every_n_steps: int = 500, probe_size: int = 400, source: str = "interpolant",
                  method: str = "auto", chunk_size: int = 64, ode_steps: int = 100, seed: int = 0,
                  groups: str | None = None, filename: str = "gradvar.csv", plot: bool = True) -> None:

@@ -33,6 +33,8 @@ __all__ = ["SampleGrid"]
 
 
 class SampleGrid(L.Callback):
+    """Writes sample grids (and pair grids for finite couplings) every ``every_n_steps`` (module docstring)."""
+
     def __init__(self, every_n_steps: int = 500, n_samples: int = 64, steps: int = 20, nrow: int = 8,
                  n_pairs_shown: int = 8, seed: int = 0, dirname: str = "samples", solver: Solver | None = None,
                  log_key: str = "samples", min_size: int = 32) -> None:

@@ -22,6 +22,8 @@ __all__ = ["Throughput"]
 
 
 class Throughput(L.Callback):
+    """Steps/s and samples/s of training after ``warmup_steps`` (module docstring)."""
+
     def __init__(self, warmup_steps: int = 20) -> None:
         self.warmup = max(0, int(warmup_steps))
         self.t0: float | None = None

@@ -117,6 +117,7 @@ def plot_field_table(rows: list[dict], out: Path, title: str = "") -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: redraw the heatmap and profile of each run directory given."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+")
     args = ap.parse_args(argv)

@@ -31,6 +31,7 @@ def _runs(root: Path):
 
 
 def plot_trajectories(runs, out: Path) -> None:
+    """Training pairs next to the integrated trajectories of each kept solver, one row per sigma (PNG ``out``)."""
     panels = ["pairs"] + sorted({k for (_, _), r in runs for k in _traj_keys(r)}, key=_traj_order)
     fig, axes = plt.subplots(len(runs), len(panels), figsize=(3.2 * len(panels), 3.2 * len(runs)),
                              squeeze=False, sharex=True, sharey=True)
@@ -75,6 +76,7 @@ def _traj_order(key: str) -> tuple[int, int]:
 
 
 def plot_pair_accuracy(runs, out: Path) -> None:
+    """Pair accuracy and L2 to the partner / to the OT map against the number of Euler steps (PNG ``out``)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for (cfg, metrics), _ in runs:
         ks, acc = euler_series(metrics, "pair_acc")
@@ -99,6 +101,7 @@ def plot_pair_accuracy(runs, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: the rotation figures of a ``make demo`` sweep directory."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dir")
     ap.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR)")
