@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flowmatch.entry import build, fail, preflight, run_evaluation, set_threads, user_errors, write_json
+from flowmatch.streams import generator
 
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 TASKS = ("metrics", "reflow_pairs", "gradvar_field")
@@ -71,7 +72,7 @@ def main(cfg: DictConfig) -> dict:
 
 def reflow_pairs(cfg, datamodule, module, solver, device, run_dir: Path) -> dict:
     """Integrate ``reflow.n_pairs`` fresh sources x0 ~ p0 to x1 = Phi(x0); save them for coupling=reflow."""
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = generator(cfg.seed, "reflow")
     x0 = datamodule.p0.sample(int(cfg.reflow.n_pairs), g)
     x1 = torch.cat([solver.integrate(module.velocity, chunk.to(device)).x1.cpu()
                     for chunk in x0.split(int(cfg.reflow.batch_size))])

@@ -16,6 +16,8 @@ probe      seed + 2000003 + 7919 rank  the fixed part of the gradient-variance p
 eval       seed                        evaluation (``eval.seed``): fresh sources and targets
 pairs      seed                        a finite coupling's pair set (``coupling.seed``)
 loss       seed                        times and noise of the held-out (val/test) loss
+data       seed                        choices that build a data set: subsets, splits, mixture centres
+reflow     seed                        the sources of ``evaluate.py task=reflow_pairs``
 =========  ==========================  ===========================================================
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ STREAMS: dict[str, tuple[int, int]] = {
     "eval": (0, 0),
     "pairs": (0, 0),
     "loss": (0, 0),
+    "data": (0, 0),
+    "reflow": (0, 0),
 }
 
 

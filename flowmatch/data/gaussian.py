@@ -7,6 +7,7 @@ import torch
 
 from flowmatch.data.base import FlowDataModule
 from flowmatch.distributions import Gaussian, GaussianMixture
+from flowmatch.streams import generator
 
 KINDS = ("gaussian", "gmm")
 
@@ -38,7 +39,7 @@ class GaussianDataModule(FlowDataModule):
 
     def _gmm_centers(self) -> torch.Tensor:
         if self.centers == "random" or self.dim < 2:
-            g = torch.Generator().manual_seed(self.seed)
+            g = generator(self.seed, "data")
             return self.radius * torch.randn(self.k, self.dim, generator=g)
         angles = 2 * math.pi * torch.arange(self.k) / self.k
         c = torch.zeros(self.k, self.dim)

@@ -26,6 +26,7 @@ from flowmatch.data.base import FlowDataModule
 from flowmatch.direction import apply_direction
 from flowmatch.distributions import Empirical, StandardNormal
 from flowmatch.evaluation import EvalSetup
+from flowmatch.streams import generator
 
 __all__ = ["ImageDataModule", "CIFAR10DataModule", "CelebADataModule", "DigitsDataModule",
            "RandomImageDataModule"]
@@ -176,7 +177,7 @@ class DigitsDataModule(ImageDataModule):
 
     def load(self, split: str) -> Tensor:
         x = I.load_digits(upsample=self.upsample)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
+        perm = torch.randperm(len(x), generator=generator(self.seed, "data"))
         idx = perm[self.holdout:] if split == "train" else perm[:self.holdout]
         return x[idx.sort().values]
 
@@ -192,6 +193,6 @@ class RandomImageDataModule(ImageDataModule):
     def load(self, split: str) -> Tensor:
         held = self.val_size if split == "val" else self.test_size
         n = self.n_images if split == "train" else max(2, min(self.n_images, held))
-        g = torch.Generator().manual_seed(self.seed + {"train": 0, "val": 1, "test": 2}[split])
+        g = generator(self.seed + {"train": 0, "val": 1, "test": 2}[split], "data")
         return torch.rand(n, *self.shape, generator=g) * 2 - 1
 

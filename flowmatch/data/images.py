@@ -32,6 +32,8 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CelebA
 from torchvision.datasets.utils import check_integrity
 
+from flowmatch.streams import generator
+
 __all__ = [
     "DatasetNotFoundError",
     "DatasetIntegrityError",
@@ -82,8 +84,7 @@ def subset_indices(n_total: int, n: int | None, seed: int = 0) -> Tensor:
     n = int(n)
     if not 0 < n <= n_total:
         raise ValueError(f"subset must be in 1..{n_total} (the number of images), got {n}")
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n_total, generator=g)[:n].sort().values
+    return torch.randperm(n_total, generator=generator(int(seed), "data"))[:n].sort().values
 
 
 def subset(x: Tensor, n: int | None, seed: int = 0) -> Tensor:
