@@ -5,6 +5,7 @@
 ``task=gradvar_field`` (no checkpoint) tabulates the per-bin gradient variance of a Lemma-1 field,
 Monte Carlo next to the closed form (gradvar_field.csv, gradvar_field.png).
 """
+
 from __future__ import annotations
 
 import csv
@@ -56,8 +57,11 @@ def main(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.task == "gradvar_field":
         return gradvar_field(cfg, run_dir)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     run_cfg, datamodule, module, solver = load_checkpoint(cfg)
     with user_errors():
         eval_options = instantiate(cfg.eval)
@@ -74,8 +78,9 @@ def reflow_pairs(cfg, datamodule, module, solver, device, run_dir: Path) -> dict
     """Integrate ``reflow.n_pairs`` fresh sources x0 ~ p0 to x1 = Phi(x0); save them for coupling=reflow."""
     g = generator(cfg.seed, "reflow")
     x0 = datamodule.p0.sample(int(cfg.reflow.n_pairs), g)
-    x1 = torch.cat([solver.integrate(module.velocity, chunk.to(device)).x1.cpu()
-                    for chunk in x0.split(int(cfg.reflow.batch_size))])
+    x1 = torch.cat(
+        [solver.integrate(module.velocity, chunk.to(device)).x1.cpu() for chunk in x0.split(int(cfg.reflow.batch_size))]
+    )
     out = run_dir / "reflow_pairs.pt"
     torch.save({"x0": x0, "x1": x1, "solver": solver.tag, "ckpt_path": str(cfg.ckpt_path)}, out)
     print(f"flowmatch: wrote {out} ({len(x0)} pairs); train on them with coupling=reflow coupling.pairs_path={out}")
@@ -90,16 +95,19 @@ def gradvar_field(cfg: DictConfig, run_dir: Path) -> dict:
     g = OmegaConf.to_container(cfg.gradvar_field, resolve=True)
     with user_errors():
         interpolant, coupling = instantiate(cfg.interpolant), instantiate(cfg.coupling)
-        rows = field_gradvar_rows(field=cfg.field.name, angle=float(cfg.field.angle), coupling=coupling,
-                                  interpolant=interpolant, **g)
+        rows = field_gradvar_rows(
+            field=cfg.field.name, angle=float(cfg.field.angle), coupling=coupling, interpolant=interpolant, **g
+        )
     path = run_dir / "gradvar_field.csv"
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     angle = f" {coupling.angle:g} deg" if hasattr(coupling, "angle") else ""
-    title = (f"field={cfg.field.name} (angle {cfg.field.angle:g}), coupling={coupling.name}{angle}, "
-             f"{interpolant.name} sigma={interpolant.sigma:g}, d={g['dim']}")
+    title = (
+        f"field={cfg.field.name} (angle {cfg.field.angle:g}), coupling={coupling.name}{angle}, "
+        f"{interpolant.name} sigma={interpolant.sigma:g}, d={g['dim']}"
+    )
     png = plot_field_table(rows, run_dir / "gradvar_field.png", title)
     print(f"flowmatch: wrote {path} and {png}")
     return {"rows": len(rows)}

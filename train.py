@@ -3,6 +3,7 @@
 Writes into the Hydra run dir: .hydra/config.yaml, checkpoints/last.ckpt, metrics.json
 (final train/... and eval/... scalars), logger output (csv/, wandb/), and the callbacks' files.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -48,8 +48,11 @@ def main(cfg: DictConfig) -> dict:
                 cb.validate(datamodule=datamodule, module=module)
         loggers = [instantiate(c) for c in cfg.logger.values()]
         ckpt_dir = run_dir / "checkpoints"
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                         every_n_train_steps=cfg.checkpoint.every_n_train_steps))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint.every_n_train_steps
+            )
+        )
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
         ckpt_path = _resolve_ckpt(cfg.ckpt_path, ckpt_dir)
     n_params = sum(p.numel() for p in module.model.parameters())
@@ -63,8 +66,9 @@ def main(cfg: DictConfig) -> dict:
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])
     if eval_options.enabled:
-        metrics.update(run_evaluation(module, datamodule, solver, eval_options, module.device, run_dir,
-                                      ckpt_dir / "last.ckpt"))
+        metrics.update(
+            run_evaluation(module, datamodule, solver, eval_options, module.device, run_dir, ckpt_dir / "last.ckpt")
+        )
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.global_step)
     write_json(run_dir / "metrics.json", metrics)

@@ -5,6 +5,7 @@ independent Gaussian pairs, the same PairStream), measured alternately in one pr
 (1 torch thread) so machine noise hits both; prints the ratio lightning/bare of steps per second.
 Run: ``.venv/bin/python benchmarks/training_loop.py [--steps N] [--rounds R]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ import torch
 from flowmatch.couplings import IndependentCoupling
 from flowmatch.data import GaussianDataModule
 from flowmatch.interpolants import CFM
-from flowmatch.models.mlp import MLP
 from flowmatch.losses import per_sample_loss
+from flowmatch.models.mlp import MLP
 from flowmatch.module import FlowMatchingModule
 
 warnings.filterwarnings("ignore")
@@ -65,9 +66,18 @@ class _Clock(L.Callback):
 def lightning(steps: int) -> float:
     module, dm = make_module(0)
     clock = _Clock()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[clock])
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
+    )
     trainer.fit(module, datamodule=dm)
     return (steps - 1) / (clock.end - clock.start)
 
@@ -89,8 +99,10 @@ def main() -> None:
         ratios.append(lt / b)
         print(f"round {r}: bare {b:7.1f} steps/s   lightning {lt:7.1f} steps/s   ratio {lt / b:.3f}")
     ratios.sort()
-    print(f"lightning/bare steps-per-second ratio: median {ratios[len(ratios) // 2]:.3f} "
-          f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f}; goal >= 0.95)")
+    print(
+        f"lightning/bare steps-per-second ratio: median {ratios[len(ratios) // 2]:.3f} "
+        f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f}; goal >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 ``backward``: data at t = 0, noise at t = 1 (encoding).
 Applied once, before the coupling; couplings, sampling and metrics then speak of (x0, x1).
 """
+
 from __future__ import annotations
 
 DIRECTIONS = ("forward", "backward")

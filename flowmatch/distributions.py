@@ -5,6 +5,7 @@ A distribution has an event ``shape`` and ``sample(n, generator) -> Tensor`` of 
 moments (``mean``, ``cov``, ``cov_sqrt``), which couplings, closed-form analysis and
 metrics use; empirical distributions expose their finite ``data``.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,7 @@ class Gaussian(Distribution):
             self.cov_sqrt = sqrtm_psd(self.cov)
 
     @classmethod
-    def standard(cls, shape) -> "Gaussian":
+    def standard(cls, shape) -> Gaussian:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         return cls(torch.zeros(math.prod(shape)), 1.0, shape=shape)
 

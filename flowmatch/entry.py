@@ -3,6 +3,7 @@
 This is the one place in the package that imports Hydra: composing, checking and instantiating
 configs. The math core and the Lightning layer never import it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,7 +98,9 @@ def user_errors():
         yield
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
-        fail(str(cause) if isinstance(cause, (ValueError, FileNotFoundError, TypeError)) else " ".join(str(exc).split()))
+        fail(
+            str(cause) if isinstance(cause, (ValueError, FileNotFoundError, TypeError)) else " ".join(str(exc).split())
+        )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
 
@@ -118,8 +121,7 @@ def build(cfg: DictConfig):
     solver = instantiate(cfg.solver)
     model = instantiate(cfg.model)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = FlowMatchingModule(model, interpolant, instantiate(cfg.optimizer), scheduler,
-                                **cfg.get("module", {}))
+    module = FlowMatchingModule(model, interpolant, instantiate(cfg.optimizer), scheduler, **cfg.get("module", {}))
     datamodule.setup()
     return datamodule, module, solver
 
@@ -136,8 +138,12 @@ def run_evaluation(module, datamodule, solver, options, device, run_dir: Path, c
     if result.trajectories:
         x0, x1 = datamodule.coupling.pairs
         torch.save({"x0": x0, "x1": x1, **result.trajectories}, Path(run_dir) / "eval_trajectories.pt")
-    return {**result.metrics, **result.protocol, metric("protocol/ckpt_path"): str(ckpt_path),
-            metric("protocol/ema"): str(module.sampling_model is not None).lower()}
+    return {
+        **result.metrics,
+        **result.protocol,
+        metric("protocol/ckpt_path"): str(ckpt_path),
+        metric("protocol/ema"): str(module.sampling_model is not None).lower(),
+    }
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

@@ -12,11 +12,12 @@ the ends, the training pairs, the OT map, the target moments, reference images) 
 
 Keys are those of :mod:`flowmatch.keys`; ``protocol/...`` keys say how the numbers were made.
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +31,17 @@ from flowmatch.keys import metric
 from flowmatch.sampling import Solver
 from flowmatch.streams import generator
 
-__all__ = ["EvalOptions", "EvalSetup", "EvalResult", "FIDWarning", "evaluate_flow", "ot_partners",
-           "training_pair_metrics", "fresh_sample_metrics", "image_metrics"]
+__all__ = [
+    "EvalOptions",
+    "EvalSetup",
+    "EvalResult",
+    "FIDWarning",
+    "evaluate_flow",
+    "ot_partners",
+    "training_pair_metrics",
+    "fresh_sample_metrics",
+    "image_metrics",
+]
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 FID_SPLITS = ("train", "test")
@@ -67,8 +77,10 @@ class EvalOptions:
     def __post_init__(self) -> None:
         fe = self.feature_extractor
         if not (fe is None or fe == "inception" or isinstance(fe, nn.Module)):
-            raise ValueError(f"eval.feature_extractor must be null, inception or a {{_target_: ...}} config of an "
-                             f"nn.Module, got {fe!r}")
+            raise ValueError(
+                f"eval.feature_extractor must be null, inception or a {{_target_: ...}} config of an "
+                f"nn.Module, got {fe!r}"
+            )
         if self.fid_split not in FID_SPLITS:
             raise ValueError(f"eval.fid_split must be one of {list(FID_SPLITS)}, got {self.fid_split!r}")
         if int(self.n_fresh) < 2:
@@ -96,7 +108,7 @@ class EvalSetup:
     test_data: Tensor | Callable[[], Tensor] | None = None
 
     @classmethod
-    def from_ends(cls, p0: Distribution, p1: Distribution, coupling, train_data=None, test_data=None) -> "EvalSetup":
+    def from_ends(cls, p0: Distribution, p1: Distribution, coupling, train_data=None, test_data=None) -> EvalSetup:
         """The setup the ends and the coupling define: pairs from the coupling, the OT map and the target
         moments from the distributions (:func:`~flowmatch.distributions.gaussian_ot_map_fn`, ``p1.moments()``)."""
         return cls(p0, p1, coupling.pairs, gaussian_ot_map_fn(p0, p1), p1.moments(), train_data, test_data)
@@ -138,8 +150,9 @@ def _pair_scores(x1_hat: Tensor, x1: Tensor, x1_ot: Tensor | None, k: int | None
     return out
 
 
-def training_pair_metrics(velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions,
-                          device) -> tuple[dict[str, float], dict[str, Tensor]]:
+def training_pair_metrics(
+    velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions, device
+) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Step 1: pair metrics of the training sources with the configured solver (plain keys, plus
     ``eval/mmd_mem``) and with Euler at each of ``options.euler_steps`` (``@euler{K}`` keys); the kept
     trajectories (``solver``, ``euler{K}``)."""
@@ -158,8 +171,9 @@ def training_pair_metrics(velocity: Velocity, setup: EvalSetup, solver: Solver, 
     return out, trajs
 
 
-def fresh_sample_metrics(velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions, device,
-                         g: torch.Generator) -> tuple[dict[str, float], Tensor, float]:
+def fresh_sample_metrics(
+    velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions, device, g: torch.Generator
+) -> tuple[dict[str, float], Tensor, float]:
     """Step 2: ``eval/mmd_gen``, ``eval/nfe``, ``eval/w2`` and (no training pairs, OT map known) ``eval/l2_ot``
     with its ``@euler{K}`` variants, on ``options.n_fresh`` fresh sources and targets drawn from ``g``.
     Returns the metrics, the generated samples and the NFE."""
@@ -186,8 +200,9 @@ def _reference(setup: EvalSetup, split: str, n: int, g: torch.Generator) -> Tens
     return data[torch.randperm(len(data), generator=g)[:n]] if len(data) > n else data
 
 
-def image_metrics(gen: Tensor, setup: EvalSetup, options: EvalOptions, device,
-                  g: torch.Generator) -> tuple[dict[str, float], dict[str, float | str]]:
+def image_metrics(
+    gen: Tensor, setup: EvalSetup, options: EvalOptions, device, g: torch.Generator
+) -> tuple[dict[str, float], dict[str, float | str]]:
     """Step 3 (image data as the target): ``eval/mem_rate`` against the training images and, with
     ``options.fid``, ``eval/fid``, ``eval/kid``, ``eval/kid_std`` against ``n_fresh`` real images of
     ``options.fid_split``; Inception weights that cannot be loaded skip FID/KID with a :class:`FIDWarning`."""
@@ -199,8 +214,15 @@ def image_metrics(gen: Tensor, setup: EvalSetup, options: EvalOptions, device,
     name = extractor if isinstance(extractor, str) else type(extractor).__name__
     try:
         real = _reference(setup, options.fid_split, len(gen), g)
-        r = IM.fid_kid(gen, real, extractor, device=device, inception_weights=options.inception_weights,
-                       kid_subsets=int(options.kid_subsets), kid_subset_size=int(options.kid_subset_size))
+        r = IM.fid_kid(
+            gen,
+            real,
+            extractor,
+            device=device,
+            inception_weights=options.inception_weights,
+            kid_subsets=int(options.kid_subsets),
+            kid_subset_size=int(options.kid_subset_size),
+        )
     except IM.FeatureExtractorUnavailable as exc:
         warnings.warn(f"eval/fid and eval/kid skipped: {exc}", FIDWarning, stacklevel=3)
         return out, {**proto, metric("protocol/feature_extractor"): f"{name} (unavailable)"}
@@ -214,13 +236,23 @@ def _solver_protocol(solver: Solver, nfe: float, options: EvalOptions) -> dict[s
         out.update({metric("protocol/atol"): solver.atol, metric("protocol/rtol"): solver.rtol})
     else:
         out[metric("protocol/solver_steps")] = float(solver.steps)
-    out.update({metric("protocol/nfe"): float(nfe), metric("protocol/n_samples"): float(options.n_fresh),
-                metric("protocol/seed"): float(options.seed)})
+    out.update(
+        {
+            metric("protocol/nfe"): float(nfe),
+            metric("protocol/n_samples"): float(options.n_fresh),
+            metric("protocol/seed"): float(options.seed),
+        }
+    )
     return out
 
 
-def evaluate_flow(velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions | None = None,
-                  device: torch.device | str = "cpu") -> EvalResult:
+def evaluate_flow(
+    velocity: Velocity,
+    setup: EvalSetup,
+    solver: Solver,
+    options: EvalOptions | None = None,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
     """Score ``velocity`` (steps 1-3 of the module docstring) with ``solver`` and ``options``."""
     options = options or EvalOptions()
     g = generator(options.seed, "eval")

@@ -28,6 +28,7 @@ degrees use exact cosines/sines so that e.g. 180 degrees gives exactly -1 on the
 Functions accept tensors, arrays, lists or (for config values) a scalar mean (``mean * 1``) and a scalar /
 per-coordinate / full covariance (as ``data.cov``).
 """
+
 from __future__ import annotations
 
 import math
@@ -70,7 +71,9 @@ def as_cov_matrix(cov, dim: int) -> Tensor:
         if not torch.allclose(c, c.T):
             raise ValueError("data.cov must be symmetric")
         return c
-    raise ValueError(f"data.cov must be a scalar, a list of {dim} variances or a {dim}x{dim} matrix, got shape {tuple(c.shape)}")
+    raise ValueError(
+        f"data.cov must be a scalar, a list of {dim} variances or a {dim}x{dim} matrix, got shape {tuple(c.shape)}"
+    )
 
 
 def as_mean(mean, dim: int) -> Tensor:

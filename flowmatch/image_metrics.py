@@ -20,16 +20,24 @@ when d_1(x) < ratio * d_2(x), where d_1 <= d_2 are its two smallest L2 distances
 
 Plain torch + torchmetrics (no Lightning, no Hydra).
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureExtractorUnavailable", "InceptionFeatures", "extract_features", "fid_kid_from_features",
-           "fid_kid", "memorization_rate", "INCEPTION_HOW_TO"]
+__all__ = [
+    "FeatureExtractorUnavailable",
+    "InceptionFeatures",
+    "extract_features",
+    "fid_kid_from_features",
+    "fid_kid",
+    "memorization_rate",
+    "INCEPTION_HOW_TO",
+]
 
 INCEPTION_HOW_TO = (
     "to get them: `pip install torch-fidelity` (or torchmetrics[image]) on a machine with network access and "
@@ -57,12 +65,13 @@ class InceptionFeatures(nn.Module):
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
 
-            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=weights_path)
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+            )
         except Exception as exc:  # ModuleNotFoundError (torch-fidelity), URLError / OSError (no weights)
             raise FeatureExtractorUnavailable(
-                f"Inception-v3 weights are unavailable ({type(exc).__name__}: {str(exc).strip()}); "
-                + INCEPTION_HOW_TO) from exc
+                f"Inception-v3 weights are unavailable ({type(exc).__name__}: {str(exc).strip()}); " + INCEPTION_HOW_TO
+            ) from exc
 
     def forward(self, x: Tensor) -> Tensor:
         p = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -83,8 +92,9 @@ class _Identity(nn.Module):
 
 
 @torch.no_grad()
-def extract_features(images: Tensor, extractor: nn.Module | Callable, batch_size: int = 256,
-                     device: torch.device | str = "cpu") -> Tensor:
+def extract_features(
+    images: Tensor, extractor: nn.Module | Callable, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> Tensor:
     """phi(images) in batches on ``device`` -> (N, F) float64 on the CPU."""
     if isinstance(extractor, nn.Module):
         extractor = extractor.to(device).eval()
@@ -97,8 +107,9 @@ def extract_features(images: Tensor, extractor: nn.Module | Callable, batch_size
     return torch.cat(out)
 
 
-def fid_kid_from_features(gen: Tensor, real: Tensor, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                          seed: int = 0) -> dict[str, float]:
+def fid_kid_from_features(
+    gen: Tensor, real: Tensor, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """{"fid", "kid", "kid_std"} from (N, F) features with torchmetrics' FID and KID."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -110,8 +121,7 @@ def fid_kid_from_features(gen: Tensor, real: Tensor, kid_subsets: int = 100, kid
     subset_size = int(min(kid_subset_size, len(gen), len(real)))
     with warnings.catch_warnings():  # "will save all extracted features in buffer": they are (N, F) already
         warnings.filterwarnings("ignore", ".*save all extracted features.*")
-        kid = KernelInceptionDistance(feature=ident, subsets=int(kid_subsets), subset_size=subset_size,
-                                      normalize=True)
+        kid = KernelInceptionDistance(feature=ident, subsets=int(kid_subsets), subset_size=subset_size, normalize=True)
     for m in (fid, kid):
         m.update(real.double(), real=True)
         m.update(gen.double(), real=False)
@@ -121,9 +131,15 @@ def fid_kid_from_features(gen: Tensor, real: Tensor, kid_subsets: int = 100, kid
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def fid_kid(gen_images: Tensor, real_images: Tensor, feature_extractor: str | nn.Module = "inception",
-            batch_size: int = 256, device: torch.device | str = "cpu", inception_weights: str | None = None,
-            **kid_kwargs) -> dict[str, float]:
+def fid_kid(
+    gen_images: Tensor,
+    real_images: Tensor,
+    feature_extractor: str | nn.Module = "inception",
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    inception_weights: str | None = None,
+    **kid_kwargs,
+) -> dict[str, float]:
     """FID and KID between generated and real images in [-1, 1] (see the module docstring).
 
     Raises :class:`FeatureExtractorUnavailable` when ``feature_extractor="inception"`` cannot be built.

@@ -15,6 +15,7 @@ with
 With sigma = 0 all three coincide. The velocity target u_t is the conditional
 velocity regressed by flow matching (Lipman et al. 2023; Tong et al. 2024).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -45,10 +46,10 @@ class PathSample:
     def __len__(self) -> int:
         return self.t.shape[0]
 
-    def __getitem__(self, index) -> "PathSample":
+    def __getitem__(self, index) -> PathSample:
         return PathSample(**{f.name: _take(getattr(self, f.name), index) for f in fields(self)})
 
-    def to(self, device) -> "PathSample":
+    def to(self, device) -> PathSample:
         """The same sample with every field on ``device``."""
         return PathSample(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

@@ -6,6 +6,7 @@ Keys are namespaced with ``/``: ``train/`` and ``val/`` from training, ``eval/``
 learned flow (end of training and ``evaluate.py``), ``protocol/`` describing how the ``eval/`` numbers were
 made, ``gradvar/`` from the gradient-variance callback.
 """
+
 from __future__ import annotations
 
 __all__ = ["METRICS", "EULER_SUFFIX", "GRADVAR", "metric", "gradvar_key", "all_keys"]
@@ -15,7 +16,7 @@ METRICS: dict[str, str] = {
     "train/global_step": "optimizer steps taken when training ended",
     "val/loss": "mean per-sample loss on the fixed validation pairs (sampling weights: EMA when on)",
     "test/loss": "mean per-sample loss on the fixed test pairs (trainer.test)",
-    "eval/pair_acc": "fraction of training sources whose endpoint is nearest (among training targets) to its own partner",
+    "eval/pair_acc": "fraction of training sources whose endpoint's nearest training target is its own partner",
     "eval/l2_partner": "mean ||x_hat1 - x1_partner|| over the training sources",
     "eval/l2_ot": "mean ||x_hat1 - T_OT(x0)||: training sources (or fresh sources without pairs) vs their OT partner",
     "eval/mmd_mem": "RBF-kernel MMD^2 between endpoints of the training sources and their partners",
@@ -74,5 +75,4 @@ def gradvar_key(k: int, stat: str) -> str:
 
 def all_keys() -> list[str]:
     """Every documented key pattern: the plain keys, ``KEY@euler{K}`` for the suffixed ones, the gradvar ones."""
-    return (list(METRICS) + [k + EULER_SUFFIX for k in SUFFIXED]
-            + [GRADVAR_PATTERN.format(stat=s) for s in GRADVAR])
+    return list(METRICS) + [k + EULER_SUFFIX for k in SUFFIXED] + [GRADVAR_PATTERN.format(stat=s) for s in GRADVAR]

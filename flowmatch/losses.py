@@ -5,9 +5,10 @@
 with (x_t, u_t) from the interpolant (mean over the D dimensions of one sample). The training
 loss is the batch mean of l_i; the gradient-variance instrument differentiates each l_i.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 

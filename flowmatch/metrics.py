@@ -7,6 +7,7 @@ Distribution metrics: ``mmd2_rbf`` (RBF-kernel MMD^2) and ``sample_moments`` for
 distance :func:`flowmatch.gaussian.gaussian_w2`. The keys these numbers are written under are in
 :mod:`flowmatch.keys`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,7 @@ def pair_accuracy(x1_hat: Tensor, targets: Tensor, chunk: int = 1024) -> float:
     a, b = _flat(x1_hat), _flat(targets)
     hits = 0
     for s in range(0, len(a), chunk):
-        nearest = torch.cdist(a[s:s + chunk], b).argmin(dim=1)
+        nearest = torch.cdist(a[s : s + chunk], b).argmin(dim=1)
         hits += int((nearest == torch.arange(s, s + len(nearest), device=a.device)).sum())
     return hits / len(a)
 

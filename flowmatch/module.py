@@ -1,8 +1,9 @@
 """The LightningModule: flow-matching regression of v_theta(x_t, t) onto the interpolant's u_t."""
+
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -29,8 +30,15 @@ class FlowMatchingModule(L.LightningModule):
     parameters and ``state_dict`` keys stay those of ``model``). Off by default.
     """
 
-    def __init__(self, model: nn.Module, interpolant: Interpolant, optimizer: Callable,
-                 scheduler: Callable | None = None, log_every_n_steps: int = 50, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        interpolant: Interpolant,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        log_every_n_steps: int = 50,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         self.model, self.interpolant = model, interpolant
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -102,8 +110,11 @@ class FlowMatchingModule(L.LightningModule):
         x0, x1 = batch
         g = generator(0, "loss", device=x0.device)  # the same times and noise at every validation
         t = torch.rand(x0.shape[0], generator=g, device=x0.device, dtype=x0.dtype)
-        eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype) if self.interpolant.stochastic \
+        eps = (
+            torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+            if self.interpolant.stochastic
             else torch.zeros_like(x0)
+        )
         path = self.interpolant(x0, x1, t, eps)
         self.log(metric(f"{prefix}/loss"), per_sample_loss(self.velocity_model(), path).mean(), sync_dist=True)
 

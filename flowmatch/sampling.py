@@ -5,10 +5,11 @@ Solves dx/dt = v(x, t) from t0 to t1 (default 0 -> 1). Fixed-grid solvers (``eul
 The number of function evaluations (NFE) is counted by wrapping the velocity: Euler uses
 ``steps`` evaluations, midpoint ``2 steps``, rk4 ``4 steps`` (torchdiffeq's 3/8-rule RK4).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -38,8 +39,14 @@ class Solver:
     ``atol``/``rtol`` (> 0) and ``max_num_steps`` for dopri5.
     """
 
-    def __init__(self, method: str = "euler", steps: int = 100, atol: float = 1e-5, rtol: float = 1e-5,
-                 max_num_steps: int = 100_000) -> None:
+    def __init__(
+        self,
+        method: str = "euler",
+        steps: int = 100,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        max_num_steps: int = 100_000,
+    ) -> None:
         if method not in METHODS:
             raise ValueError(f"solver.method must be one of {list(METHODS)}, got {method!r}")
         if int(steps) < 1:
@@ -91,7 +98,15 @@ class Solver:
         else:
             n_t = (traj_points or 101) if return_traj else 2
             ts = torch.linspace(t0, t1, n_t, dtype=x0.dtype, device=x0.device)
-            out = odeint(f, x0, ts, method=self.method, atol=self.atol, rtol=self.rtol,
-                         options={"max_num_steps": self.max_num_steps})
-        return SampleResult(x1=out[-1], nfe=nfe, traj=out if return_traj else None,
-                            t=ts.to(x0.dtype) if return_traj else None)
+            out = odeint(
+                f,
+                x0,
+                ts,
+                method=self.method,
+                atol=self.atol,
+                rtol=self.rtol,
+                options={"max_num_steps": self.max_num_steps},
+            )
+        return SampleResult(
+            x1=out[-1], nfe=nfe, traj=out if return_traj else None, t=ts.to(x0.dtype) if return_traj else None
+        )

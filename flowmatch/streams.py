@@ -20,6 +20,7 @@ data       seed                        choices that build a data set: subsets, s
 reflow     seed                        the sources of ``evaluate.py task=reflow_pairs``
 =========  ==========================  ===========================================================
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Test set-up: one torch thread per process (2 cores, xdist), wandb offline into a temp dir."""
+
 import os
 import tempfile
 

@@ -1,4 +1,5 @@
 """Run the entry points as subprocesses (Hydra and DDP want their own process)."""
+
 import json
 import os
 import subprocess
@@ -10,13 +11,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_entry(script: str, *overrides: str, check: bool = True, timeout: int = 300, env: dict | None = None):
     """Run ``python SCRIPT overrides...`` in the repo root with one torch thread; return the CompletedProcess."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
-                "HYDRA_FULL_ERROR": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+        "HYDRA_FULL_ERROR": "1",
+        **(env or {}),
+    }
     flags = [o for o in overrides if o.startswith("-")]
     extra = ["threads=1"] + (["trainer.enable_progress_bar=false"] if script == "train.py" else [])
     args = [sys.executable, script, *flags, *extra, *[o for o in overrides if not o.startswith("-")]]
-    proc = subprocess.run(args,
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -16,6 +16,7 @@ Hardware: on a machine without CUDA a trainer option asking for a GPU is instant
 ``accelerator=cpu, devices=1`` (and ``strategy=auto`` for GPU-only strategies such as fsdp, whose name is then
 checked against Lightning's strategy registry); with CUDA it is instantiated as written.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,11 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 PRIMARIES = sorted((p.stem for p in CONF.glob("*.yaml")), key=lambda s: (s != "train", s))  # train first
 
 # Data modules whose setup() needs no files and is cheap (the others load their files in setup()).
-OFFLINE_DATA = {"flowmatch.data.GaussianDataModule", "flowmatch.data.DigitsDataModule",
-                "flowmatch.data.RandomImageDataModule"}
+OFFLINE_DATA = {
+    "flowmatch.data.GaussianDataModule",
+    "flowmatch.data.DigitsDataModule",
+    "flowmatch.data.RandomImageDataModule",
+}
 # Lightning strategies that refuse a CPU accelerator.
 GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed")
 
@@ -95,9 +99,13 @@ def _is_global(group: str, option: str) -> bool:
 
 CASES = [pytest.param(group, option, id=f"{group}={option}") for group, opts in GROUPS.items() for option in opts]
 # Groups that a second primary config (evaluate.yaml) also lists: compose them there too.
-SHARED = [pytest.param(p, group, option, id=f"{p}:{group}={option}")
-          for p in PRIMARIES[1:] for group in DEFAULTS[p] if _primary_for(group)[0] != p
-          for option in GROUPS.get(group, [])]
+SHARED = [
+    pytest.param(p, group, option, id=f"{p}:{group}={option}")
+    for p in PRIMARIES[1:]
+    for group in DEFAULTS[p]
+    if _primary_for(group)[0] != p
+    for option in GROUPS.get(group, [])
+]
 
 
 # --- composing ------------------------------------------------------------------------------------------
@@ -141,8 +149,9 @@ def check_hydra_keys(cfg: DictConfig, hydra_node: DictConfig) -> None:
     missing = object()
     for text in _strings(OmegaConf.to_container(cfg, resolve=False)):
         for key in re.findall(r"\$\{hydra:([^}]+)\}", text):
-            assert OmegaConf.select(hydra_node, key.strip(), default=missing) is not missing, \
+            assert OmegaConf.select(hydra_node, key.strip(), default=missing) is not missing, (
                 f"${{hydra:{key}}} in {text!r}: no such key in Hydra's config"
+            )
 
 
 def _overrides(group: str, option: str, tmp_path: Path, in_defaults: bool) -> list[str]:
@@ -201,8 +210,9 @@ def make_module(cfg: DictConfig, model=None):
 
     model = instantiate(cfg.model) if model is None else model
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return FlowMatchingModule(model, instantiate(cfg.interpolant), instantiate(cfg.optimizer), scheduler,
-                              **cfg.get("module", {}))
+    return FlowMatchingModule(
+        model, instantiate(cfg.interpolant), instantiate(cfg.optimizer), scheduler, **cfg.get("module", {})
+    )
 
 
 def instantiate_run(cfg: DictConfig, run_dir: Path) -> None:
@@ -216,7 +226,7 @@ def instantiate_run(cfg: DictConfig, run_dir: Path) -> None:
             assert module(x0, torch.rand(2)).shape == x0.shape
     else:  # files needed: instantiate only (their data are loaded in setup())
         datamodule, _ = make_datamodule(cfg, setup=False)
-        module, solver = make_module(cfg), instantiate(cfg.solver)
+        module, _ = make_module(cfg), instantiate(cfg.solver)
     instantiate(cfg.eval)
     module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
@@ -309,8 +319,13 @@ def check_field(cfg, tmp_path):
     from flowmatch.analysis.field_table import field_gradvar_rows
 
     g = {**OmegaConf.to_container(cfg.gradvar_field, resolve=True), "bins": 2, "n_per_bin": 4, "seeds": [0]}
-    rows = field_gradvar_rows(field=cfg.field.name, angle=float(cfg.field.angle), coupling=instantiate(cfg.coupling),
-                              interpolant=instantiate(cfg.interpolant), **g)
+    rows = field_gradvar_rows(
+        field=cfg.field.name,
+        angle=float(cfg.field.angle),
+        coupling=instantiate(cfg.coupling),
+        interpolant=instantiate(cfg.interpolant),
+        **g,
+    )
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
 
 
@@ -319,18 +334,30 @@ def check_generic(cfg, tmp_path, group):
     node = OmegaConf.select(cfg, group.replace("/", "."))
     if isinstance(node, DictConfig) and "_target_" in node:
         instantiate(node)
-    elif isinstance(node, DictConfig) and len(node) and all(isinstance(v, DictConfig) and "_target_" in v
-                                                           for v in node.values()):
+    elif (
+        isinstance(node, DictConfig)
+        and len(node)
+        and all(isinstance(v, DictConfig) and "_target_" in v for v in node.values())
+    ):
         for v in node.values():
             instantiate(v)
     elif isinstance(node, DictConfig):
         OmegaConf.to_container(node, resolve=True)
 
 
-CHECKS = {"data": check_data, "interpolant": check_interpolant, "coupling": check_coupling,
-          "direction": check_direction, "solver": check_solver, "optimizer": check_optimization,
-          "scheduler": check_optimization, "trainer": check_trainer, "logger": check_logger,
-          "callbacks": check_callbacks, "field": check_field}
+CHECKS = {
+    "data": check_data,
+    "interpolant": check_interpolant,
+    "coupling": check_coupling,
+    "direction": check_direction,
+    "solver": check_solver,
+    "optimizer": check_optimization,
+    "scheduler": check_optimization,
+    "trainer": check_trainer,
+    "logger": check_logger,
+    "callbacks": check_callbacks,
+    "field": check_field,
+}
 
 
 # --- tests ----------------------------------------------------------------------------------------------
@@ -405,7 +432,7 @@ def _defaults_groups_of_option(group: str, option: str) -> list[str]:
         if isinstance(entry, dict):
             for key in entry:
                 if key.startswith("override /"):
-                    out.append(key[len("override /"):].split("@")[0].strip())
+                    out.append(key[len("override /") :].split("@")[0].strip())
     return out
 
 

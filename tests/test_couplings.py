@@ -3,8 +3,14 @@ import itertools
 import pytest
 import torch
 
-from flowmatch.couplings import (FixedCoupling, IndependentCoupling, OTCoupling, RotatedCoupling,
-                                 ShuffledOTCoupling, ot_assignment)
+from flowmatch.couplings import (
+    FixedCoupling,
+    IndependentCoupling,
+    OTCoupling,
+    RotatedCoupling,
+    ShuffledOTCoupling,
+    ot_assignment,
+)
 from flowmatch.direction import apply_direction
 from flowmatch.distributions import Gaussian
 from flowmatch.gaussian import rotation_matrix

@@ -1,5 +1,6 @@
 """docs/DESIGN.md is the contract: it lists exactly the metric keys of flowmatch.keys, and the repository
 points to it rather than to files outside the clone."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -37,6 +38,11 @@ def test_metric_refuses_unregistered_keys():
 
 def test_nothing_points_outside_the_repository():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    offenders = [f for f in files if f != "tests/test_design_doc.py" and (ROOT / f).is_file()
-                 and "shared/DESIGN" in (ROOT / f).read_text(errors="ignore")]
+    offenders = [
+        f
+        for f in files
+        if f != "tests/test_design_doc.py"
+        and (ROOT / f).is_file()
+        and "shared/DESIGN" in (ROOT / f).read_text(errors="ignore")
+    ]
     assert not offenders

@@ -1,4 +1,5 @@
 """EMA callback: the update rule by hand, checkpoint round trip, resume through train.py, EMA in evaluation."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -118,15 +119,26 @@ def test_compile_option_off_by_default_and_wraps_model(monkeypatch):
     assert not any(k.startswith("_compiled") for k in compiled.state_dict())
 
 
-FAST = ["data=digits", "model=unet", "coupling=fixed", "coupling.n_pairs=16", "interpolant=cfm", "debug=fast",
-        "solver=euler", "solver.steps=4", "eval.euler_steps=[1]", "callbacks=ema", "callbacks.ema.decay=0.99999",
-        "callbacks.ema.warmup=false"]
+FAST = [
+    "data=digits",
+    "model=unet",
+    "coupling=fixed",
+    "coupling.n_pairs=16",
+    "interpolant=cfm",
+    "debug=fast",
+    "solver=euler",
+    "solver.steps=4",
+    "eval.euler_steps=[1]",
+    "callbacks=ema",
+    "callbacks.ema.decay=0.99999",
+    "callbacks.ema.warmup=false",
+]
 
 
 def _ema_and_model(path):
     ck = torch.load(path, weights_only=False)
     state = ck["callbacks"]["EMA"]
-    model = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
+    model = {k[len("model.") :]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
     assert not any(k.startswith("sampling_model") for k in ck["state_dict"])
     return state, model
 
@@ -139,8 +151,13 @@ def test_resume_keeps_ema_state_and_evaluate_uses_ema(tmp_path):
     run_entry("train.py", *FAST, f"hydra.run.dir={tmp_path / 'a'}")
     ema_a, model_a = _ema_and_model(tmp_path / "a" / "checkpoints" / "last.ckpt")
     assert ema_a["num_updates"] == 20 and read_metrics(tmp_path / "a")["protocol/ema"] == "true"
-    run_entry("train.py", *FAST, "trainer.max_steps=30", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
-              f"hydra.run.dir={tmp_path / 'b'}")
+    run_entry(
+        "train.py",
+        *FAST,
+        "trainer.max_steps=30",
+        f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'b'}",
+    )
     ck_b = tmp_path / "b" / "checkpoints" / "last.ckpt"
     ema_b, model_b = _ema_and_model(ck_b)
     assert ema_b["num_updates"] == 30
@@ -148,8 +165,15 @@ def test_resume_keeps_ema_state_and_evaluate_uses_ema(tmp_path):
     ema_wa, ema_wb = ema_a["ema_state_dict"], ema_b["ema_state_dict"]
     assert _dist(ema_wb, ema_wa) < 0.05 * _dist(ema_wa, model_a)
     assert _dist(ema_wb, ema_wa) > 0  # ... but it was updated
-    run_entry("evaluate.py", f"ckpt_path={ck_b}", "eval.n_fresh=64", "eval.euler_steps=[1]", "eval.fid=true",
-              "eval.feature_extractor={_target_:torch.nn.Flatten}", f"hydra.run.dir={tmp_path / 'e'}")
+    run_entry(
+        "evaluate.py",
+        f"ckpt_path={ck_b}",
+        "eval.n_fresh=64",
+        "eval.euler_steps=[1]",
+        "eval.fid=true",
+        "eval.feature_extractor={_target_:torch.nn.Flatten}",
+        f"hydra.run.dir={tmp_path / 'e'}",
+    )
     m = read_metrics(tmp_path / "e")
     assert m["protocol/ema"] == "true" and m["protocol/feature_extractor"] == "Flatten" and m["eval/fid"] > 0
     # the same evaluation in-process, with the EMA weights and with the raw weights
@@ -162,7 +186,11 @@ def test_resume_keeps_ema_state_and_evaluate_uses_ema(tmp_path):
     for use_ema in (False, True):
         if use_ema:
             assert module.load_ema_from_checkpoint(ck)
-        res[use_ema] = evaluate_flow(module.velocity, dm.eval_setup(), Solver("euler", steps=4),
-                                     EvalOptions(euler_steps=[1], n_fresh=64, seed=12345)).metrics
+        res[use_ema] = evaluate_flow(
+            module.velocity,
+            dm.eval_setup(),
+            Solver("euler", steps=4),
+            EvalOptions(euler_steps=[1], n_fresh=64, seed=12345),
+        ).metrics
     assert m["eval/mmd_gen"] == pytest.approx(res[True]["eval/mmd_gen"], rel=1e-5)
     assert m["eval/mmd_gen"] != pytest.approx(res[False]["eval/mmd_gen"], rel=1e-3)

@@ -5,6 +5,7 @@ map, Monte Carlo with per-sample autograd gradients of the real model and loss (
 and the exact quadratic expansion of the autograd gradient in the Gaussian noise (g is a quadratic
 polynomial of xi, so its Taylor coefficients at 0 give E g and Var g exactly).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,6 +44,7 @@ def _one_thread():
 
 # ----------------------------------------------------------------------------- reference constructions
 
+
 def rand_spd(d, seed, lo=0.3, hi=2.5):
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
@@ -64,7 +66,7 @@ def ref_rotation(d, angle):
     r = np.eye(d)
     a = math.radians(angle)
     for i in range(0, d - 1, 2):
-        r[i:i + 2, i:i + 2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
+        r[i : i + 2, i : i + 2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
     return torch.tensor(r, dtype=F64)
 
 
@@ -123,6 +125,7 @@ def mc_estimates(losses, g):
 
 # ----------------------------------------------------------------------------- OT map and W2
 
+
 def test_ot_map_pushes_forward_and_is_symmetric_psd():
     d = 4
     s0, s1 = torch.tensor(rand_spd(d, 1), dtype=F64), torch.tensor(rand_spd(d, 2, 0.1, 4.0), dtype=F64)
@@ -150,7 +153,7 @@ def test_ot_map_requires_pd_source():
 def test_w2_closed_forms():
     # 1-D: (m0 - m1)^2 + (s0 - s1)^2 with standard deviations s
     w = gaussian_w2([1.0], [[4.0]], [-2.0], [[0.25]])
-    assert abs(w.item() - math.sqrt(9.0 + 1.5 ** 2)) < 1e-12
+    assert abs(w.item() - math.sqrt(9.0 + 1.5**2)) < 1e-12
     assert abs(gaussian_w2([1.0], [[4.0]], [-2.0], [[0.25]], squared=True).item() - (9.0 + 2.25)) < 1e-12
     # commuting covariances: ||m0 - m1||^2 + ||S0^{1/2} - S1^{1/2}||_F^2
     q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((3, 3)))
@@ -180,6 +183,7 @@ def test_rotation_matrix():
 
 # ----------------------------------------------------------------------------- Lemma 1
 
+
 @pytest.mark.parametrize("d", [2, 3, 5])
 @pytest.mark.parametrize("field,angle", [("ot", 0.0), ("rot", 90.0), ("rot", 180.0), ("rot", 37.0)])
 def test_lemma1_field_is_the_straight_line_velocity(d, field, angle):
@@ -208,13 +212,15 @@ def test_rot180_identity_cov_is_singular_at_half():
         model(torch.zeros(3, 2, dtype=F64), torch.full((3,), 0.5, dtype=F64))
     with pytest.raises(SingularFieldError):
         expected_loss("rot", 0.5, "linear", "rotated", [0.0, 0.0], torch.eye(2), angle=180.0)
-    rows = field_gradvar_table("rot", 180.0, "rotated", "linear", 0.0, [5.0, 5.0], torch.eye(2),
-                               edges=[0.0, 0.4, 0.6, 1.0], n_t_per_bin=1)
+    rows = field_gradvar_table(
+        "rot", 180.0, "rotated", "linear", 0.0, [5.0, 5.0], torch.eye(2), edges=[0.0, 0.4, 0.6, 1.0], n_t_per_bin=1
+    )
     assert rows[1]["n_singular"] == 1 and rows[1]["n_t"] == 0 and math.isnan(rows[1]["grad_var"])
     assert rows[0]["grad_var"] < 1e-20 and rows[2]["loss"] < 1e-20  # memorizing field: zero elsewhere
 
 
 # ----------------------------------------------------------------------------- exact moments
+
 
 def exact_by_taylor(model, interp, coupling, mu, M, angle, t):
     """E l, E g and tr Cov g from the exact quadratic expansion of the autograd loss/gradient in xi."""
@@ -225,7 +231,7 @@ def exact_by_taylor(model, interp, coupling, mu, M, angle, t):
     tt = torch.tensor([t], dtype=F64)
 
     def loss(p, xi):
-        x0, z1, eps = xi[:d], xi[d:2 * d], xi[2 * d:]
+        x0, z1, eps = xi[:d], xi[d : 2 * d], xi[2 * d :]
         x1 = mu + (s @ z1 if bmat is None else bmat @ x0)
         f = lambda x, u: functional_call(model, p, (x, u))
         return per_sample_loss(f, interp(x0[None], x1[None], tt, eps[None]))[0]
@@ -239,7 +245,7 @@ def exact_by_taylor(model, interp, coupling, mu, M, angle, t):
     e_loss = loss(params, z) + 0.5 * torch.trace(l_h)
     g0, gj, gh = g(z), jacrev(g)(z), jacrev(jacrev(g))(z)
     e_g = g0 + 0.5 * torch.diagonal(gh, dim1=1, dim2=2).sum(1)
-    var = (gj ** 2).sum() + 0.5 * (gh ** 2).sum()
+    var = (gj**2).sum() + 0.5 * (gh**2).sum()
     return e_loss.item(), e_g, var.item()
 
 
@@ -305,12 +311,13 @@ def test_vmap_per_sample_grads_equal_backward_loop():
     _, g = per_sample_grads(model, interp, x0, x1, t, eps)
     for i in range(5):
         model.zero_grad()
-        per_sample_loss(model, interp(x0[i:i + 1], x1[i:i + 1], t[i:i + 1], eps[i:i + 1])).sum().backward()
+        per_sample_loss(model, interp(x0[i : i + 1], x1[i : i + 1], t[i : i + 1], eps[i : i + 1])).sum().backward()
         gi = torch.cat([model.theta.grad.reshape(-1), model.Theta.grad.reshape(-1)])
         assert torch.allclose(g[i], gi, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- Prop. 1
+
 
 @pytest.mark.parametrize("d", [2, 3])
 def test_prop1_pair_optimal_field_has_zero_loss_and_variance(d):
@@ -333,6 +340,7 @@ def test_prop1_pair_optimal_field_has_zero_loss_and_variance(d):
 
 
 # ----------------------------------------------------------------------------- per-bin table
+
 
 def test_table_single_point_equals_midpoint_moments():
     mu, M = problem(2)

@@ -1,9 +1,11 @@
 """The GradientVarianceCallback end to end: gradvar.csv contract, logging, figures, DDP union property."""
+
 import csv
 import functools
 
 import pytest
 import torch
+from helpers import run_entry
 
 from flowmatch import gradvar as gv
 from flowmatch.callbacks.gradvar import GradientVarianceCallback
@@ -12,7 +14,6 @@ from flowmatch.data import GaussianDataModule
 from flowmatch.interpolants import CFM
 from flowmatch.models.mlp import MLP
 from flowmatch.module import FlowMatchingModule
-from helpers import run_entry
 
 COLUMNS = ["step", "t_lo", "t_hi", "n", "loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm"]
 
@@ -49,8 +50,14 @@ def _compare(rows, stats, step):
             assert float(r[col]) == pytest.approx(float(getattr(stats, col)[k]), rel=1e-4), (k, col)
 
 
-COMMON = ["debug=fast", "trainer.max_steps=20", "coupling=fixed", "callbacks=gradvar",
-          "callbacks.gradvar.every_n_steps=10", "callbacks.gradvar.probe_size=400"]
+COMMON = [
+    "debug=fast",
+    "trainer.max_steps=20",
+    "coupling=fixed",
+    "callbacks=gradvar",
+    "callbacks.gradvar.every_n_steps=10",
+    "callbacks.gradvar.probe_size=400",
+]
 
 
 def test_callback_writes_contract_and_matches_recomputation(tmp_path):
@@ -75,23 +82,37 @@ def test_bad_callback_settings():
 
 
 def test_integrated_and_pairs_sources(tmp_path):
-    run_entry("train.py", *COMMON, "callbacks.gradvar.source=integrated", "callbacks.gradvar.ode_steps=20",
-              "callbacks.gradvar.plot=false", "callbacks.gradvar.groups=module", f"hydra.run.dir={tmp_path / 'a'}")
+    run_entry(
+        "train.py",
+        *COMMON,
+        "callbacks.gradvar.source=integrated",
+        "callbacks.gradvar.ode_steps=20",
+        "callbacks.gradvar.plot=false",
+        "callbacks.gradvar.groups=module",
+        f"hydra.run.dir={tmp_path / 'a'}",
+    )
     rows = read_rows(tmp_path / "a" / "gradvar.csv")
     assert len(rows) == 30
     groups = read_rows(tmp_path / "a" / "gradvar_groups.csv")
     assert {r["group"] for r in groups} == {"net"} and len(groups) == 30  # the MLP's one parameterised child
     for whole, part in zip(rows, groups):  # a single group holding every parameter is the whole
         assert float(part["grad_var"]) == pytest.approx(float(whole["grad_var"]), rel=1e-6)
-    proc = run_entry("train.py", *COMMON, "coupling=independent", "callbacks.gradvar.source=pairs",
-                     f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    proc = run_entry(
+        "train.py",
+        *COMMON,
+        "coupling=independent",
+        "callbacks.gradvar.source=pairs",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        check=False,
+    )
     assert proc.returncode == 2 and "callbacks.gradvar.source=pairs needs a finite coupling" in proc.stderr
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_on_union(tmp_path):
-    run_entry("train.py", *COMMON, "trainer=ddp_cpu", "callbacks.gradvar.plot=false", f"hydra.run.dir={tmp_path}",
-              timeout=600)
+    run_entry(
+        "train.py", *COMMON, "trainer=ddp_cpu", "callbacks.gradvar.plot=false", f"hydra.run.dir={tmp_path}", timeout=600
+    )
     rows = read_rows(tmp_path / "gradvar.csv")
     assert int(rows[0]["n"]) == 80  # 2 ranks x 40 per bin
     _compare(rows, union_stats(tmp_path, 2, 20), 20)

@@ -1,4 +1,5 @@
 """FID/KID through torchmetrics with a small random feature network; memorization rate; evaluation wiring."""
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -6,8 +7,7 @@ import torch
 from torch import nn
 
 from flowmatch import image_metrics as IM
-from flowmatch.distributions import StandardNormal
-from flowmatch.distributions import Empirical
+from flowmatch.distributions import Empirical, StandardNormal
 from flowmatch.evaluation import EvalOptions, EvalSetup, FIDWarning, evaluate_flow
 from flowmatch.sampling import Solver
 
@@ -86,8 +86,9 @@ def _image_setup(train):
 def test_evaluate_flow_image_metrics_and_protocol():
     train = _images(200)
     zero = lambda x, t: torch.zeros_like(x)  # noqa: E731 - generated = the noise itself
-    options = EvalOptions(n_fresh=64, fid=True, feature_extractor=_net(), fid_split="test", kid_subset_size=32,
-                          batch_size=16)
+    options = EvalOptions(
+        n_fresh=64, fid=True, feature_extractor=_net(), fid_split="test", kid_subset_size=32, batch_size=16
+    )
     res = evaluate_flow(zero, _image_setup(train), Solver("euler", steps=3), options)
     m, p = res.metrics, res.protocol
     assert m["eval/mem_rate"] == 0.0 and m["eval/fid"] > 0 and "eval/kid" in m and m["eval/nfe"] == 3.0
@@ -109,7 +110,8 @@ def test_evaluate_flow_inception_unavailable_warns_and_keeps_other_metrics(monke
     monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", offline)
     zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
     with pytest.warns(FIDWarning, match="eval/fid and eval/kid skipped: Inception-v3 weights are unavailable"):
-        res = evaluate_flow(zero, _image_setup(_images(100)), Solver("euler", steps=2),
-                            EvalOptions(n_fresh=32, fid=True))
+        res = evaluate_flow(
+            zero, _image_setup(_images(100)), Solver("euler", steps=2), EvalOptions(n_fresh=32, fid=True)
+        )
     assert "eval/fid" not in res.metrics and {"eval/mem_rate", "eval/mmd_gen", "eval/w2"} <= set(res.metrics)
     assert res.protocol["protocol/feature_extractor"] == "inception (unavailable)"

@@ -1,4 +1,5 @@
 """Image DataModules (cifar10, celeba, digits, random_images): in-process checks and runs through train.py."""
+
 import pytest
 import torch
 import yaml
@@ -7,12 +8,20 @@ from test_images import CIFAR_TEST_SIZE, CIFAR_TRAIN_SIZES, _write_celeba, _writ
 
 from flowmatch.couplings import FixedCoupling, IndependentCoupling, OTCoupling
 from flowmatch.data import CIFAR10DataModule, DigitsDataModule, RandomImageDataModule
-from flowmatch.distributions import StandardNormal
-from flowmatch.distributions import Empirical
+from flowmatch.distributions import Empirical, StandardNormal
 
-SMALL = ["model=unet", "solver=euler", "solver.steps=3", "eval.euler_steps=[1]", "trainer.max_steps=4",
-         "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "eval.n_fresh=16", "data.batch_size=4",
-         "trainer.enable_progress_bar=false"]
+SMALL = [
+    "model=unet",
+    "solver=euler",
+    "solver.steps=3",
+    "eval.euler_steps=[1]",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "eval.n_fresh=16",
+    "data.batch_size=4",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def test_digits_module_splits_range_and_subset():
@@ -78,8 +87,15 @@ def test_device_option_validation_and_shape_checks():
 
 def test_cifar_module_in_process(tmp_path):
     train, test = _write_cifar(tmp_path)
-    dm = CIFAR10DataModule(FixedCoupling(n_pairs=5, seed=0), root=str(tmp_path), verify_checksums=False,
-                           subset=7, seed=0, batch_size=4, val_size=100)
+    dm = CIFAR10DataModule(
+        FixedCoupling(n_pairs=5, seed=0),
+        root=str(tmp_path),
+        verify_checksums=False,
+        subset=7,
+        seed=0,
+        batch_size=4,
+        val_size=100,
+    )
     dm.setup()
     assert dm.train_data.shape == (7, 3, 32, 32) and dm.coupling.pairs[1].shape == (5, 3, 32, 32)
     assert dm.held_out("val").shape == (CIFAR_TEST_SIZE, 3, 32, 32)  # the test split
@@ -103,9 +119,19 @@ def test_random_images_module_is_synthetic():
 def test_cifar10_through_train_py(tmp_path):
     _write_cifar(tmp_path / "data")
     run = tmp_path / "run"
-    run_entry("train.py", "data=cifar10", *SMALL, f"data.root={tmp_path / 'data'}", "data.verify_checksums=false",
-              "data.subset=10", "data.hflip=true", "eval.w2_max_dim=0", "coupling=fixed", "coupling.n_pairs=6",
-              f"hydra.run.dir={run}")
+    run_entry(
+        "train.py",
+        "data=cifar10",
+        *SMALL,
+        f"data.root={tmp_path / 'data'}",
+        "data.verify_checksums=false",
+        "data.subset=10",
+        "data.hflip=true",
+        "eval.w2_max_dim=0",
+        "coupling=fixed",
+        "coupling.n_pairs=6",
+        f"hydra.run.dir={run}",
+    )
     m = read_metrics(run)
     assert m["train/global_step"] == 4.0 and "val/loss" in m and "eval/pair_acc" in m
     assert 0.0 <= m["eval/mem_rate"] <= 1.0
@@ -121,17 +147,38 @@ def test_cifar10_through_train_py(tmp_path):
 def test_celeba_through_train_py(tmp_path):
     _write_celeba(tmp_path / "data")
     run = tmp_path / "run"
-    run_entry("train.py", "data=celeba", *SMALL, f"data.root={tmp_path / 'data'}", "data.verify_checksums=false",
-              "data.image_size=16", "data.dim=768", "data.crop=178", "eval.w2_max_dim=0", f"hydra.run.dir={run}")
+    run_entry(
+        "train.py",
+        "data=celeba",
+        *SMALL,
+        f"data.root={tmp_path / 'data'}",
+        "data.verify_checksums=false",
+        "data.image_size=16",
+        "data.dim=768",
+        "data.crop=178",
+        "eval.w2_max_dim=0",
+        f"hydra.run.dir={run}",
+    )
     m = read_metrics(run)
     assert m["train/global_step"] == 4.0 and "val/loss" in m and "eval/mem_rate" in m
 
 
-@pytest.mark.parametrize("data,layout", [("cifar10", "cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch"),
-                                         ("celeba", "celeba/img_align_celeba/*.jpg")])
+@pytest.mark.parametrize(
+    "data,layout",
+    [
+        ("cifar10", "cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch"),
+        ("celeba", "celeba/img_align_celeba/*.jpg"),
+    ],
+)
 def test_missing_data_one_clear_error(tmp_path, data, layout):
-    proc = run_entry("train.py", f"data={data}", "model=unet", f"data.root={tmp_path / 'nothing'}",
-                     f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    proc = run_entry(
+        "train.py",
+        f"data={data}",
+        "model=unet",
+        f"data.root={tmp_path / 'nothing'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "not found under root=" in lines[0], proc.stderr
@@ -149,9 +196,23 @@ def test_gpu_check_script_starts_on_cpu(tmp_path):
     from helpers import ROOT
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PY": sys.executable, "OUT": str(tmp_path)}
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "trainer=cpu", "trainer.max_steps=3", "data.batch_size=2",
-                           "data.n_images=16", "callbacks.throughput.warmup_steps=1", "threads=1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            "bash",
+            "scripts/gpu_check.sh",
+            "trainer=cpu",
+            "trainer.max_steps=3",
+            "data.batch_size=2",
+            "data.n_images=16",
+            "callbacks.throughput.warmup_steps=1",
+            "threads=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "35,746,307 parameters" in proc.stdout and "steps/s" in proc.stdout
     assert (tmp_path / "throughput.json").exists()

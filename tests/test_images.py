@@ -1,4 +1,5 @@
 """Image loaders on fabricated files in the real on-disk formats (no network, no real data sets)."""
+
 from __future__ import annotations
 
 import pickle
@@ -50,8 +51,11 @@ def _write_cifar(root, seed=0):
 
     train = np.concatenate([batch(f"data_batch_{i + 1}", n) for i, n in enumerate(CIFAR_TRAIN_SIZES)])
     test = batch("test_batch", CIFAR_TEST_SIZE)
-    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-            "num_cases_per_batch": 10000, "num_vis": 3072}
+    meta = {
+        "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+        "num_cases_per_batch": 10000,
+        "num_vis": 3072,
+    }
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump(meta, f)
     return train, test
@@ -137,13 +141,22 @@ def _write_celeba(root, special=None):
         Image.fromarray(arr).save(folder / "img_align_celeba" / name, quality=100, subsampling=0)
     n = len(names)
     attr_names = [f"Attr_{k}" for k in range(40)]
-    lm_names = ["lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x", "nose_y",
-                "leftmouth_x", "leftmouth_y", "rightmouth_x", "rightmouth_y"]
+    lm_names = [
+        "lefteye_x",
+        "lefteye_y",
+        "righteye_x",
+        "righteye_y",
+        "nose_x",
+        "nose_y",
+        "leftmouth_x",
+        "leftmouth_y",
+        "rightmouth_x",
+        "rightmouth_y",
+    ]
     files = {
         "list_eval_partition.txt": [f"{nm} {p}" for nm, p in zip(names, PARTITION)],
         "identity_CelebA.txt": [f"{nm} {100 + i}" for i, nm in enumerate(names)],
-        "list_bbox_celeba.txt": [str(n), "image_id x_1 y_1 width height"]
-        + [f"{nm}    95  71 226 313" for nm in names],
+        "list_bbox_celeba.txt": [str(n), "image_id x_1 y_1 width height"] + [f"{nm}    95  71 226 313" for nm in names],
         "list_landmarks_align_celeba.txt": [str(n), " ".join(lm_names)]
         + [f"{nm}  69  109  106  113   77  142   73  152  108  154" for nm in names],
         "list_attr_celeba.txt": [str(n), " ".join(attr_names) + " "]
@@ -193,7 +206,7 @@ def test_celeba_center_crop(tmp_path):
     # Image 0: the centre 140 x 140 square (torchvision's center_crop offsets: left 19, top 39) red, the rest blue.
     arr = np.empty((H, W, 3), np.uint8)
     arr[:] = BLUE
-    arr[39:39 + 140, 19:19 + 140] = RED
+    arr[39 : 39 + 140, 19 : 19 + 140] = RED
     _write_celeba(tmp_path, special={0: arr})
     x = load_celeba(tmp_path, split="train", crop=140, size=64, verify_checksums=False)[0]
     px = (x + 1) * 127.5
@@ -217,8 +230,16 @@ def test_celeba_missing_raises_clear_error(tmp_path):
     with pytest.raises(DatasetNotFoundError) as info:
         load_celeba(tmp_path)
     msg = str(info.value)
-    for part in ["celeba/img_align_celeba/", "list_eval_partition.txt", "identity_CelebA.txt", "list_bbox_celeba.txt",
-                 "list_landmarks_align_celeba.txt", "list_attr_celeba.txt", "download=True", "Google Drive"]:
+    for part in [
+        "celeba/img_align_celeba/",
+        "list_eval_partition.txt",
+        "identity_CelebA.txt",
+        "list_bbox_celeba.txt",
+        "list_landmarks_align_celeba.txt",
+        "list_attr_celeba.txt",
+        "download=True",
+        "Google Drive",
+    ]:
         assert part in msg, part
     # Listed in the partition file but absent on disk.
     folder = _write_celeba(tmp_path / "partial")
@@ -232,6 +253,7 @@ def test_celeba_download_without_network_raises_clear_error(tmp_path, monkeypatc
     if gdown == "absent":
         monkeypatch.setitem(sys.modules, "gdown", None)  # `import gdown` fails
     else:
+
         def download(*args, **kwargs):
             raise ConnectionError("no network (test)")
 

@@ -1,17 +1,42 @@
 """The layering of docs/DESIGN.md: the math core imports no Lightning/Hydra/wandb and not the closed-form
 analysis (a leaf); the Lightning layer no Hydra."""
+
 import subprocess
 import sys
 
-CORE = ["flowmatch.gaussian", "flowmatch.keys", "flowmatch.streams", "flowmatch.interpolants",
-        "flowmatch.couplings", "flowmatch.losses", "flowmatch.sampling", "flowmatch.metrics", "flowmatch.evaluation",
-        "flowmatch.gradvar", "flowmatch.gradvar_microbatch", "flowmatch.persample", "flowmatch.distributions",
-        "flowmatch.direction", "flowmatch.models.mlp", "flowmatch.models.unet", "flowmatch.models.gaussian_affine",
-        "flowmatch.image_metrics"]
-ANALYSIS = ["flowmatch.analysis", "flowmatch.analysis.lemma1", "flowmatch.analysis.oracle",
-            "flowmatch.analysis.field_table"]
-LIGHTNING = ["flowmatch.module", "flowmatch.data", "flowmatch.callbacks.gradvar", "flowmatch.callbacks.ema",
-             "flowmatch.callbacks.samples"]
+CORE = [
+    "flowmatch.gaussian",
+    "flowmatch.keys",
+    "flowmatch.streams",
+    "flowmatch.interpolants",
+    "flowmatch.couplings",
+    "flowmatch.losses",
+    "flowmatch.sampling",
+    "flowmatch.metrics",
+    "flowmatch.evaluation",
+    "flowmatch.gradvar",
+    "flowmatch.gradvar_microbatch",
+    "flowmatch.persample",
+    "flowmatch.distributions",
+    "flowmatch.direction",
+    "flowmatch.models.mlp",
+    "flowmatch.models.unet",
+    "flowmatch.models.gaussian_affine",
+    "flowmatch.image_metrics",
+]
+ANALYSIS = [
+    "flowmatch.analysis",
+    "flowmatch.analysis.lemma1",
+    "flowmatch.analysis.oracle",
+    "flowmatch.analysis.field_table",
+]
+LIGHTNING = [
+    "flowmatch.module",
+    "flowmatch.data",
+    "flowmatch.callbacks.gradvar",
+    "flowmatch.callbacks.ema",
+    "flowmatch.callbacks.samples",
+]
 
 # Imports the modules one after another in a fresh interpreter and names the first that pulls in a
 # forbidden package (earlier modules are clean, so the first offender is the culprit).
@@ -28,8 +53,7 @@ for name in sys.argv[2:]:
 
 
 def check(modules, forbidden):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(forbidden), *modules], capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(forbidden), *modules], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 
@@ -39,14 +63,23 @@ def test_core_imports_no_framework():
 
 def test_core_does_not_import_the_analysis_leaf():
     """Importing every core module (and the Lightning layer) never pulls in flowmatch.analysis."""
-    proc = subprocess.run([sys.executable, "-c", (
-        "import importlib, sys\n"
-        f"for name in {CORE + LIGHTNING!r}:\n"
-        "    importlib.import_module(name)\n"
-        "    bad = sorted(m for m in sys.modules if m.startswith('flowmatch.analysis'))\n"
-        "    if bad:\n"
-        "        print(f'{name} imports {bad}')\n"
-        "        sys.exit(1)\n")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import importlib, sys\n"
+                f"for name in {CORE + LIGHTNING!r}:\n"
+                "    importlib.import_module(name)\n"
+                "    bad = sorted(m for m in sys.modules if m.startswith('flowmatch.analysis'))\n"
+                "    if bad:\n"
+                "        print(f'{name} imports {bad}')\n"
+                "        sys.exit(1)\n"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 

@@ -46,8 +46,9 @@ def test_mmd_unbiased_estimator_matches_brute_force():
 
 def test_gaussian_w2_closed_forms():
     # 1-D: W2 = sqrt((m0 - m1)^2 + (s0 - s1)^2)
-    assert _w2(torch.tensor([1.0]), torch.tensor([[4.0]]), torch.tensor([3.0]), torch.tensor([[1.0]])) \
-        == pytest.approx((4 + 1) ** 0.5)
+    assert _w2(torch.tensor([1.0]), torch.tensor([[4.0]]), torch.tensor([3.0]), torch.tensor([[1.0]])) == pytest.approx(
+        (4 + 1) ** 0.5
+    )
     # commuting (diagonal) covariances: sum over coordinates
     s0, s1 = torch.diag(torch.tensor([1.0, 9.0])), torch.diag(torch.tensor([4.0, 1.0]))
     assert _w2(torch.zeros(2), s0, torch.zeros(2), s1) == pytest.approx((1 + 4) ** 0.5)
@@ -59,8 +60,12 @@ def test_evaluate_flow_on_exact_translation_field():
     x0 = p0.sample(30, torch.Generator().manual_seed(0))
     pairs = (x0, x0 + 5)
     setup = EvalSetup(p0, p1, pairs, ot_map=lambda x: x + 5, target_moments=(p1.mean, p1.cov))
-    res = evaluate_flow(lambda x, t: torch.full_like(x, 5.0), setup, Solver("euler", steps=3),
-                        EvalOptions(euler_steps=[1, 7], n_fresh=400, keep_trajectories=[7]))
+    res = evaluate_flow(
+        lambda x, t: torch.full_like(x, 5.0),
+        setup,
+        Solver("euler", steps=3),
+        EvalOptions(euler_steps=[1, 7], n_fresh=400, keep_trajectories=[7]),
+    )
     m = res.metrics
     assert m["eval/pair_acc"] == 1.0 and m["eval/pair_acc@euler1"] == 1.0 and m["eval/pair_acc@euler7"] == 1.0
     assert m["eval/l2_partner"] < 1e-5 and m["eval/l2_ot@euler7"] < 1e-5

@@ -1,4 +1,5 @@
 """Sample-grid callback: PNGs in the run dir, loggers with log_image, pair rows; digits end to end."""
+
 import lightning as L
 import pytest
 import torch
@@ -36,9 +37,17 @@ class ImageLogger(Logger):
 def _fit(tmp_path, dm, callback, loggers, steps=4):
     model = UNet(1, 8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=())
     module = FlowMatchingModule(model, CFM(0.05), lambda p: torch.optim.Adam(p, lr=1e-3))
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=loggers, callbacks=[callback],
-                        default_root_dir=str(tmp_path), enable_checkpointing=False, limit_val_batches=0,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=loggers,
+        callbacks=[callback],
+        default_root_dir=str(tmp_path),
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
     return module
 
@@ -68,7 +77,7 @@ def test_pair_rows_for_finite_couplings(tmp_path):
     torch.testing.assert_close(cb.rows["ot"], x1[ot_assignment(x0, x1)][:5])
     grid = cb.grid(module)
     assert grid.shape == (3, 4 * (16 + 2) + 2, 5 * (16 + 2) + 2)  # rows: source, endpoint, partner, OT partner
-    cell = grid[0, 2 + 2 * 18: 2 + 2 * 18 + 16: 2, 2: 2 + 16: 2]  # partner of pair 0, de-enlarged
+    cell = grid[0, 2 + 2 * 18 : 2 + 2 * 18 + 16 : 2, 2 : 2 + 16 : 2]  # partner of pair 0, de-enlarged
     torch.testing.assert_close(cell, ((x1[0, 0] + 1) / 2).clamp(0, 1))
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["pairs_step_000002.png", "step_000002.png"]
 
@@ -88,9 +97,17 @@ def test_non_image_data_is_skipped_with_a_warning(tmp_path):
     dm = GaussianDataModule(IndependentCoupling(), dim=2, batch_size=8)
     cb = SampleGrid(every_n_steps=1)
     module = FlowMatchingModule(LinearField(), CFM(0.0), lambda p: torch.optim.Adam(p))
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, callbacks=[cb], enable_checkpointing=False,
-                        default_root_dir=str(tmp_path), limit_val_batches=0, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.warns(UserWarning, match="not images"):
         trainer.fit(module, datamodule=dm)
     assert not (tmp_path / "samples").exists()
@@ -98,12 +115,28 @@ def test_non_image_data_is_skipped_with_a_warning(tmp_path):
 
 def test_digits_end_to_end_with_callbacks_images(tmp_path):
     """train.py data=digits model=unet coupling=fixed callbacks=images: PNGs, eval/mem_rate, FID skipped clearly."""
-    proc = run_entry("train.py", "data=digits", "model=unet", "coupling=fixed", "coupling.n_pairs=32",
-                     "interpolant=cfm", "interpolant.sigma=0.05", "callbacks=images", "debug=fast", "solver=euler",
-                     "solver.steps=5", "callbacks.samples.every_n_steps=10", "eval.fid=true",
-                     f"hydra.run.dir={tmp_path}")
+    proc = run_entry(
+        "train.py",
+        "data=digits",
+        "model=unet",
+        "coupling=fixed",
+        "coupling.n_pairs=32",
+        "interpolant=cfm",
+        "interpolant.sigma=0.05",
+        "callbacks=images",
+        "debug=fast",
+        "solver=euler",
+        "solver.steps=5",
+        "callbacks.samples.every_n_steps=10",
+        "eval.fid=true",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == [
-        "pairs_step_000010.png", "pairs_step_000020.png", "step_000010.png", "step_000020.png"]
+        "pairs_step_000010.png",
+        "pairs_step_000020.png",
+        "step_000010.png",
+        "step_000020.png",
+    ]
     with Image.open(tmp_path / "samples" / "pairs_step_000020.png") as im:
         w, h = im.size
     assert (w, h) == (8 * 34 + 2, 4 * 34 + 2)  # 8 pairs x 4 rows of 8x8 digits enlarged to 32 px

@@ -10,8 +10,9 @@ def linear_field(x, t):
     return -x  # dx/dt = -x: x(1) = x0 e^{-1}
 
 
-@pytest.mark.parametrize("method,steps,nfe_per_step,tol", [("euler", 1000, 1, 1e-3), ("midpoint", 50, 2, 1e-4),
-                                                           ("rk4", 10, 4, 1e-6)])
+@pytest.mark.parametrize(
+    "method,steps,nfe_per_step,tol", [("euler", 1000, 1, 1e-3), ("midpoint", 50, 2, 1e-4), ("rk4", 10, 4, 1e-6)]
+)
 def test_fixed_grid_accuracy_and_nfe(method, steps, nfe_per_step, tol):
     x0 = torch.randn(4, 3, dtype=torch.float64)
     res = Solver(method, steps=steps).integrate(linear_field, x0)
@@ -41,8 +42,14 @@ def test_time_is_per_sample_vector():
     torch.testing.assert_close(torch.stack([t[0] for t in seen]), torch.tensor([0.0, 0.25, 0.5, 0.75]))
 
 
-@pytest.mark.parametrize("kwargs,key", [({"method": "heun"}, "solver.method"), ({"steps": 0}, "solver.steps"),
-                                         ({"method": "dopri5", "atol": 0}, "solver.atol")])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        ({"method": "heun"}, "solver.method"),
+        ({"steps": 0}, "solver.steps"),
+        ({"method": "dopri5", "atol": 0}, "solver.atol"),
+    ],
+)
 def test_bad_solver_config(kwargs, key):
     with pytest.raises(ValueError, match=key):
         Solver(**kwargs)

@@ -1,10 +1,10 @@
 """End to end: train.py / evaluate.py write the run-directory contract of DESIGN.md."""
+
 import json
 
 import pytest
 import torch
 import yaml
-
 from helpers import read_metrics, run_entry
 
 FAST = ["debug=fast", "trainer.max_steps=20"]
@@ -25,8 +25,18 @@ def test_run_dir_contract(fixed_run):
     assert all("/" in k for k in m)
     assert all(isinstance(v, float) for k, v in m.items() if not k.startswith("protocol/"))
     assert all(isinstance(v, (float, str)) for v in m.values())
-    for key in ["train/loss", "eval/pair_acc", "eval/l2_partner", "eval/l2_ot", "eval/mmd_mem", "eval/mmd_gen",
-                "eval/w2", "eval/nfe", "eval/pair_acc@euler7", "eval/l2_ot@euler1"]:
+    for key in [
+        "train/loss",
+        "eval/pair_acc",
+        "eval/l2_partner",
+        "eval/l2_ot",
+        "eval/mmd_mem",
+        "eval/mmd_gen",
+        "eval/w2",
+        "eval/nfe",
+        "eval/pair_acc@euler7",
+        "eval/l2_ot@euler1",
+    ]:
         assert key in m, key
     assert m["train/global_step"] == 20.0
     cfg = yaml.safe_load((fixed_run / ".hydra" / "config.yaml").read_text())
@@ -35,8 +45,17 @@ def test_run_dir_contract(fixed_run):
 
 def test_resume_continues_steps_and_keeps_pairs(fixed_run, tmp_path):
     ck = fixed_run / "checkpoints" / "last.ckpt"
-    run_entry("train.py", *FAST, "coupling=fixed", "coupling.n_pairs=16", "interpolant=cfm", "trainer.max_steps=30",
-              "seed=7", f"ckpt_path={ck}", f"hydra.run.dir={tmp_path}")
+    run_entry(
+        "train.py",
+        *FAST,
+        "coupling=fixed",
+        "coupling.n_pairs=16",
+        "interpolant=cfm",
+        "trainer.max_steps=30",
+        "seed=7",
+        f"ckpt_path={ck}",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert read_metrics(tmp_path)["train/global_step"] == 30.0
     a = torch.load(ck, weights_only=False)["GaussianDataModule"]["coupling"]
     b = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["GaussianDataModule"]["coupling"]
@@ -50,8 +69,15 @@ def test_resume_last_in_same_dir(tmp_path):
 
 
 def test_evaluate_with_other_solver(fixed_run, tmp_path):
-    run_entry("evaluate.py", f"ckpt_path={fixed_run}/checkpoints/last.ckpt", "solver=euler", "solver.steps=7",
-              "eval.euler_steps=[7]", "eval.n_fresh=64", f"hydra.run.dir={tmp_path}")
+    run_entry(
+        "evaluate.py",
+        f"ckpt_path={fixed_run}/checkpoints/last.ckpt",
+        "solver=euler",
+        "solver.steps=7",
+        "eval.euler_steps=[7]",
+        "eval.n_fresh=64",
+        f"hydra.run.dir={tmp_path}",
+    )
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["protocol/solver"] == "euler7" and m["eval/nfe"] == 7.0
     assert m["eval/pair_acc"] == pytest.approx(m["eval/pair_acc@euler7"])
@@ -60,8 +86,13 @@ def test_evaluate_with_other_solver(fixed_run, tmp_path):
 def test_train_and_evaluate_write_the_same_metrics(fixed_run, tmp_path):
     """One evaluation path: evaluate.py on the final checkpoint with the run's own options reproduces the
     end-of-training eval/ and protocol/ keys and values (train.py adds only train/ and val/ keys)."""
-    run_entry("evaluate.py", f"ckpt_path={fixed_run}/checkpoints/last.ckpt", "eval.euler_steps=[1,7]",
-              "eval.n_fresh=128", f"hydra.run.dir={tmp_path}")  # the options of debug=fast
+    run_entry(
+        "evaluate.py",
+        f"ckpt_path={fixed_run}/checkpoints/last.ckpt",
+        "eval.euler_steps=[1,7]",
+        "eval.n_fresh=128",
+        f"hydra.run.dir={tmp_path}",
+    )  # the options of debug=fast
     trained, evaluated = read_metrics(fixed_run), read_metrics(tmp_path)
     shared = {k: v for k, v in trained.items() if k.split("/")[0] in ("eval", "protocol")}
     assert set(shared) == set(evaluated)
@@ -78,23 +109,39 @@ def test_backward_direction_and_reflow(tmp_path):
     run_entry("train.py", *FAST, "direction=backward", "coupling=ot", f"hydra.run.dir={tmp_path / 'a'}")
     m = read_metrics(tmp_path / "a")
     assert "eval/l2_ot" in m  # closed-form OT map N(5, I) -> N(0, I) exists
-    run_entry("evaluate.py", f"ckpt_path={tmp_path / 'a'}/checkpoints/last.ckpt", "task=reflow_pairs",
-              "reflow.n_pairs=32", "solver=euler", "solver.steps=4", f"hydra.run.dir={tmp_path / 'b'}")
+    run_entry(
+        "evaluate.py",
+        f"ckpt_path={tmp_path / 'a'}/checkpoints/last.ckpt",
+        "task=reflow_pairs",
+        "reflow.n_pairs=32",
+        "solver=euler",
+        "solver.steps=4",
+        f"hydra.run.dir={tmp_path / 'b'}",
+    )
     pairs = torch.load(tmp_path / "b" / "reflow_pairs.pt")
     assert pairs["x0"].shape == pairs["x1"].shape == (32, 2)
-    run_entry("train.py", *FAST, "direction=backward", "coupling=reflow",
-              f"coupling.pairs_path={tmp_path / 'b' / 'reflow_pairs.pt'}", f"hydra.run.dir={tmp_path / 'c'}")
+    run_entry(
+        "train.py",
+        *FAST,
+        "direction=backward",
+        "coupling=reflow",
+        f"coupling.pairs_path={tmp_path / 'b' / 'reflow_pairs.pt'}",
+        f"hydra.run.dir={tmp_path / 'c'}",
+    )
     assert "eval/pair_acc" in read_metrics(tmp_path / "c")
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("interpolant=foo", ["interpolant", "bridge", "cfm", "linear"]),
-    ("interpolant.sigmaa=0.1", ["interpolant.sigmaa", "sigma"]),
-    ("interpolant=cfm interpolant.sigma=-0.5", ["interpolant.sigma", ">= 0"]),
-    ("data.dim=0", ["data.dim", ">= 1"]),
-    ("solver=euler solver.steps=0", ["solver.steps", ">= 1"]),
-    ("direction.name=sideways", ["direction.name", "forward", "backward"]),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("interpolant=foo", ["interpolant", "bridge", "cfm", "linear"]),
+        ("interpolant.sigmaa=0.1", ["interpolant.sigmaa", "sigma"]),
+        ("interpolant=cfm interpolant.sigma=-0.5", ["interpolant.sigma", ">= 0"]),
+        ("data.dim=0", ["data.dim", ">= 1"]),
+        ("solver=euler solver.steps=0", ["solver.steps", ">= 1"]),
+        ("direction.name=sideways", ["direction.name", "forward", "backward"]),
+    ],
+)
 def test_bad_input_one_clear_error(override, expected, tmp_path):
     proc = run_entry("train.py", *override.split(), f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -107,17 +154,31 @@ def test_bad_input_one_clear_error(override, expected, tmp_path):
 
 
 def test_wandb_offline_logger(tmp_path):
-    run_entry("train.py", *FAST, "logger=wandb", f"hydra.run.dir={tmp_path}",
-              env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
+    run_entry(
+        "train.py",
+        *FAST,
+        "logger=wandb",
+        f"hydra.run.dir={tmp_path}",
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)},
+    )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and "eval/w2" in read_metrics(tmp_path)
 
 
 @pytest.mark.slow
 def test_multirun_sweep_each_job_own_wandb_run(tmp_path):
-    run_entry("train.py", "-m", *FAST, "logger=wandb", "interpolant=cfm", "interpolant.sigma=0.0,0.05",
-              f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=s${interpolant.sigma}", timeout=600,
-              env={"WANDB_MODE": "offline"})
+    run_entry(
+        "train.py",
+        "-m",
+        *FAST,
+        "logger=wandb",
+        "interpolant=cfm",
+        "interpolant.sigma=0.0,0.05",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=s${interpolant.sigma}",
+        timeout=600,
+        env={"WANDB_MODE": "offline"},
+    )
     for sub in ("s0.0", "s0.05"):
         assert len(list((tmp_path / sub / "wandb").glob("offline-run-*"))) == 1
         assert "eval/mmd_gen" in read_metrics(tmp_path / sub)
@@ -125,16 +186,34 @@ def test_multirun_sweep_each_job_own_wandb_run(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_sweep(tmp_path):
-    run_entry("train.py", "-m", *FAST, "interpolant=cfm", "interpolant.sigma=0.0,0.05", "hydra/launcher=submitit_cpu",
-              f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=s${interpolant.sigma}", timeout=600)
+    run_entry(
+        "train.py",
+        "-m",
+        *FAST,
+        "interpolant=cfm",
+        "interpolant.sigma=0.0,0.05",
+        "hydra/launcher=submitit_cpu",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=s${interpolant.sigma}",
+        timeout=600,
+    )
     for sub in ("s0.0", "s0.05"):
         assert read_metrics(tmp_path / sub)["train/global_step"] == 20.0
     assert (tmp_path / ".submitit").exists()
 
 
 def test_gmm_bridge_ot_rk4(tmp_path):
-    run_entry("train.py", *FAST, "data=gmm", "interpolant=bridge", "interpolant.sigma=0.1", "coupling=ot",
-              "solver=rk4", "solver.steps=5", f"hydra.run.dir={tmp_path}")
+    run_entry(
+        "train.py",
+        *FAST,
+        "data=gmm",
+        "interpolant=bridge",
+        "interpolant.sigma=0.1",
+        "coupling=ot",
+        "solver=rk4",
+        "solver.steps=5",
+        f"hydra.run.dir={tmp_path}",
+    )
     m = read_metrics(tmp_path)
     assert m["eval/nfe"] == 20.0  # rk4: 4 evaluations per step
     assert "eval/l2_ot" not in m and m["eval/w2"] > 0  # no closed-form OT map for a mixture

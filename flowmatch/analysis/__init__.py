@@ -6,6 +6,7 @@ gradient-variance instrument) and nothing in the core imports it.
 ``lemma1``: the Lemma-1 fields as callables. ``oracle``: exact per-t (and per-time-bin) loss and
 gradient-variance moments of the affine model. ``field_table``: Monte Carlo next to the closed form.
 """
+
 from flowmatch.analysis.lemma1 import AffineField, lemma1_field
 from flowmatch.analysis.oracle import (
     SingularFieldError,

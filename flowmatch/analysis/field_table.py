@@ -11,15 +11,16 @@ For each seed a probe with ``n_per_bin`` times uniform in every bin is measured 
 :func:`flowmatch.gradvar.bin_sums`; the closed form is :func:`flowmatch.analysis.oracle.field_gradvar_table`
 (same quantity: t uniform in the bin).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from flowmatch import gradvar as gv
-from flowmatch.gaussian import coupling_map, mean_cov
 from flowmatch.analysis.oracle import CLOSED_FORM_COUPLINGS, field_gradvar_table
+from flowmatch.gaussian import coupling_map, mean_cov
 from flowmatch.interpolants import Interpolant, Linear, PathSample
 from flowmatch.models.gaussian_affine import GaussianAffine
 
@@ -42,9 +43,19 @@ def _draw_probe(coupling: str, interpolant, mean, cov, angle, edges, n_per_bin, 
     return interpolant(x0, x1, t, eps)
 
 
-def field_gradvar_rows(field: str = "ot", angle: float = 180.0, coupling="independent",
-                       interpolant: Interpolant | None = None, mean=5.0, cov=1.0, dim: int = 2, bins=10,
-                       n_per_bin: int = 200, seeds: Sequence[int] = (0, 1, 2), n_t_exact: int = 64) -> list[dict]:
+def field_gradvar_rows(
+    field: str = "ot",
+    angle: float = 180.0,
+    coupling="independent",
+    interpolant: Interpolant | None = None,
+    mean=5.0,
+    cov=1.0,
+    dim: int = 2,
+    bins=10,
+    n_per_bin: int = 200,
+    seeds: Sequence[int] = (0, 1, 2),
+    n_t_exact: int = 64,
+) -> list[dict]:
     """One row per (seed, bin) with the Monte Carlo statistics, plus rows with ``seed = "exact"``
     holding the closed form. Columns: seed, bin, t_lo, t_hi, n, loss, grad_var, grad_sqnorm,
     mean_grad_sqnorm.
@@ -71,6 +82,14 @@ def field_gradvar_rows(field: str = "ot", angle: float = 180.0, coupling="indepe
     params = (model.theta.detach(), model.Theta.detach())
     exact = field_gradvar_table(params, coupling_angle, name, interp, interp.sigma, m, c, edges.tolist(), n_t_exact)
     for k, r in enumerate(exact):
-        rows.append({"seed": "exact", "bin": k, "t_lo": r["t_lo"], "t_hi": r["t_hi"], "n": r["n_t"],
-                     **{s: float(r[s]) for s in STATS}})
+        rows.append(
+            {
+                "seed": "exact",
+                "bin": k,
+                "t_lo": r["t_lo"],
+                "t_hi": r["t_hi"],
+                "n": r["n_t"],
+                **{s: float(r[s]) for s in STATS},
+            }
+        )
     return rows

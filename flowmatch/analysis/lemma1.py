@@ -6,6 +6,7 @@ is the straight-line field of the affine coupling x1 = (I + Theta) x0 + theta of
 rotated choices of (theta, Theta) come from :func:`flowmatch.gaussian.field_params`, the evaluation from
 :func:`flowmatch.gaussian.affine_velocity`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -28,16 +28,17 @@ beta = W^T c) and X_b = f_b . xi + h_b. With Var(XY) = s_x^2 s_y^2 + s_xy^2 + mx
 
 All quantities are exact at fixed t (float64, differentiable in (theta, Theta) by autograd).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from flowmatch.gradvar import bin_edges
 from flowmatch.gaussian import coupling_map, field_params, mean_cov, sqrtm_psd
+from flowmatch.gradvar import bin_edges
 from flowmatch.interpolants import INTERPOLANTS, Interpolant
 
 __all__ = [
@@ -50,7 +51,11 @@ __all__ = [
     "SingularFieldError",
 ]
 
-CLOSED_FORM_COUPLINGS = ("independent", "ot", "rotated")  # the couplings (flowmatch.couplings.COUPLINGS) with moments here
+CLOSED_FORM_COUPLINGS = (
+    "independent",
+    "ot",
+    "rotated",
+)  # the couplings (flowmatch.couplings.COUPLINGS) with moments here
 
 
 class SingularFieldError(ValueError):
@@ -76,8 +81,17 @@ def _interpolant(interpolant, sigma: float) -> Interpolant:
     return INTERPOLANTS[interpolant](sigma)
 
 
-def residual_coefficients(model, t: float, interpolant="linear", coupling="independent", mean=None, cov=None,
-                          sigma: float = 0.0, angle: float = 180.0, dim: int | None = None) -> dict:
+def residual_coefficients(
+    model,
+    t: float,
+    interpolant="linear",
+    coupling="independent",
+    mean=None,
+    cov=None,
+    sigma: float = 0.0,
+    angle: float = 180.0,
+    dim: int | None = None,
+) -> dict:
     """The affine pieces at time ``t``: r = A xi + c with xi ~ N(0, I_{3d}) (xi = (x0, z1, eps) blocks).
 
     Returns a dict with ``A`` (d, 3d), ``c`` (d,), ``W`` = (I + t Theta)^{-1}, ``P``, ``p`` (x_t = P xi + p),
@@ -117,8 +131,17 @@ def residual_coefficients(model, t: float, interpolant="linear", coupling="indep
     return {"A": A, "c": c, "W": W, "P": P, "p": p, "theta": theta, "Theta": Theta, "t": t}
 
 
-def expected_moments(model, t: float, interpolant="linear", coupling="independent", mean=None, cov=None,
-                     sigma: float = 0.0, angle: float = 180.0, dim: int | None = None) -> dict:
+def expected_moments(
+    model,
+    t: float,
+    interpolant="linear",
+    coupling="independent",
+    mean=None,
+    cov=None,
+    sigma: float = 0.0,
+    angle: float = 180.0,
+    dim: int | None = None,
+) -> dict:
     """Exact moments at fixed ``t`` of the per-sample loss l and its gradient g = dl/d(theta, Theta).
 
     ``model``: a ``GaussianAffine`` (or anything with ``.theta``/``.Theta``), a pair ``(theta, Theta)``,
@@ -139,33 +162,65 @@ def expected_moments(model, t: float, interpolant="linear", coupling="independen
     wta = W.T @ A
     beta = W.T @ c
     G = wta @ F.T
-    f2, a2 = (F ** 2).sum(), (wta ** 2).sum()
-    loss = ((A ** 2).sum() + (c ** 2).sum()) / d
-    var = (4.0 / d ** 2) * (a2 * (f2 + 1 + (h ** 2).sum()) + (G ** 2).sum() + (beta ** 2).sum() * f2
-                            + 2 * beta @ G @ h)
+    f2, a2 = (F**2).sum(), (wta**2).sum()
+    loss = ((A**2).sum() + (c**2).sum()) / d
+    var = (4.0 / d**2) * (a2 * (f2 + 1 + (h**2).sum()) + (G**2).sum() + (beta**2).sum() * f2 + 2 * beta @ G @ h)
     mg_theta = (2.0 / d) * beta
     mg_Theta = (2.0 / d) * (G + torch.outer(beta, h))
-    mean_sq = (mg_theta ** 2).sum() + (mg_Theta ** 2).sum()
-    return {"loss": loss, "grad_var": var, "grad_sqnorm": var + mean_sq, "mean_grad_sqnorm": mean_sq,
-            "mean_grad_theta": mg_theta, "mean_grad_Theta": mg_Theta}
+    mean_sq = (mg_theta**2).sum() + (mg_Theta**2).sum()
+    return {
+        "loss": loss,
+        "grad_var": var,
+        "grad_sqnorm": var + mean_sq,
+        "mean_grad_sqnorm": mean_sq,
+        "mean_grad_theta": mg_theta,
+        "mean_grad_Theta": mg_Theta,
+    }
 
 
-def expected_loss(model, t: float, interpolant="linear", coupling="independent", mean=None, cov=None,
-                  sigma: float = 0.0, angle: float = 180.0, dim: int | None = None) -> Tensor:
+def expected_loss(
+    model,
+    t: float,
+    interpolant="linear",
+    coupling="independent",
+    mean=None,
+    cov=None,
+    sigma: float = 0.0,
+    angle: float = 180.0,
+    dim: int | None = None,
+) -> Tensor:
     """E[l] at fixed t (0-dim float64 tensor); arguments as in ``expected_moments``."""
     co = residual_coefficients(model, t, interpolant, coupling, mean, cov, sigma, angle, dim)
     return ((co["A"] ** 2).sum() + (co["c"] ** 2).sum()) / co["c"].shape[0]
 
 
-def expected_grad_variance(model, t: float, interpolant="linear", coupling="independent", mean=None, cov=None,
-                           sigma: float = 0.0, angle: float = 180.0, dim: int | None = None) -> Tensor:
+def expected_grad_variance(
+    model,
+    t: float,
+    interpolant="linear",
+    coupling="independent",
+    mean=None,
+    cov=None,
+    sigma: float = 0.0,
+    angle: float = 180.0,
+    dim: int | None = None,
+) -> Tensor:
     """tr Cov[d l / d(theta, Theta)] at fixed t (0-dim float64 tensor); arguments as in ``expected_moments``."""
     return expected_moments(model, t, interpolant, coupling, mean, cov, sigma, angle, dim)["grad_var"]
 
 
-def field_gradvar_table(field, angle: float = 180.0, coupling: str = "independent", interpolant="linear",
-                        sigma: float = 0.0, mean=None, cov=None, edges: int | Sequence[float] = 10,
-                        n_t_per_bin: int = 16, dim: int | None = None) -> list[dict]:
+def field_gradvar_table(
+    field,
+    angle: float = 180.0,
+    coupling: str = "independent",
+    interpolant="linear",
+    sigma: float = 0.0,
+    mean=None,
+    cov=None,
+    edges: int | Sequence[float] = 10,
+    n_t_per_bin: int = 16,
+    dim: int | None = None,
+) -> list[dict]:
     """Per-time-bin exact moments of the per-sample loss and gradient for a fixed affine field.
 
     ``field``: ``"ot"`` | ``"rot"`` (the Lemma-1 field for ``mean``, ``cov``, ``angle``), a
@@ -216,10 +271,16 @@ def field_gradvar_table(field, angle: float = 180.0, coupling: str = "independen
             if used:
                 mean_sq = float(((mg_theta / used) ** 2).sum() + ((mg_Theta / used) ** 2).sum())
                 sq = acc["grad_sqnorm"] / used
-                row.update(loss=acc["loss"] / used, grad_var=sq - mean_sq, grad_sqnorm=sq,
-                           mean_grad_sqnorm=mean_sq, grad_var_fixed_t=acc["grad_var_fixed_t"] / used)
+                row.update(
+                    loss=acc["loss"] / used,
+                    grad_var=sq - mean_sq,
+                    grad_sqnorm=sq,
+                    mean_grad_sqnorm=mean_sq,
+                    grad_var_fixed_t=acc["grad_var_fixed_t"] / used,
+                )
             else:
-                row.update({k: math.nan for k in ("loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm",
-                                                  "grad_var_fixed_t")})
+                row.update(
+                    {k: math.nan for k in ("loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm", "grad_var_fixed_t")}
+                )
             rows.append(row)
     return rows

@@ -19,6 +19,7 @@ schedule above, and both store the average under their own state-dict layout, wh
 copy of the network whose ``state_dict`` ``evaluate.py`` loads as is; the update itself is one fused
 ``torch._foreach_lerp_``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -83,8 +84,12 @@ class EMA(L.Callback):
     def state_dict(self) -> dict:
         if self.ema_model is None:
             return {}
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "ema_state_dict": self.ema_model.state_dict()}
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+            "ema_state_dict": self.ema_model.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "ema_state_dict" not in state_dict:

@@ -17,6 +17,7 @@ Probe sources (``source``):
   the trajectory at each probe time and u = x_hat1 - x0 the velocity of the pair the trajectory
   defines (the paper's "variance in integrated samples"); recomputed at every probe.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,9 +39,20 @@ SOURCES = ("interpolant", "pairs", "integrated")
 class GradientVarianceCallback(L.Callback):
     """Measures the per-time-bin gradient-variance statistics on a fixed probe during training (module docstring)."""
 
-    def __init__(self, bins=10, every_n_steps: int = 500, probe_size: int = 400, source: str = "interpolant",
-                 method: str = "auto", chunk_size: int = 64, ode_steps: int = 100, seed: int = 0,
-                 groups: str | None = None, filename: str = "gradvar.csv", plot: bool = True) -> None:
+    def __init__(
+        self,
+        bins=10,
+        every_n_steps: int = 500,
+        probe_size: int = 400,
+        source: str = "interpolant",
+        method: str = "auto",
+        chunk_size: int = 64,
+        ode_steps: int = 100,
+        seed: int = 0,
+        groups: str | None = None,
+        filename: str = "gradvar.csv",
+        plot: bool = True,
+    ) -> None:
         self.edges = gv.bin_edges(bins)
         self.K = self.edges.numel() - 1
         if source not in SOURCES:
@@ -48,8 +60,9 @@ class GradientVarianceCallback(L.Callback):
         if int(every_n_steps) < 1:
             raise ValueError(f"callbacks.gradvar.every_n_steps must be >= 1, got {every_n_steps}")
         if int(probe_size) < 2 * self.K:
-            raise ValueError(f"callbacks.gradvar.probe_size must be >= 2 x the number of bins ({2 * self.K}), "
-                             f"got {probe_size}")
+            raise ValueError(
+                f"callbacks.gradvar.probe_size must be >= 2 x the number of bins ({2 * self.K}), got {probe_size}"
+            )
         self.every, self.n_per_bin, self.source = int(every_n_steps), int(probe_size) // self.K, source
         self.method, self.chunk_size, self.seed, self.groups = method, int(chunk_size), int(seed), groups
         self.solver = Solver("euler", steps=int(ode_steps))
@@ -63,8 +76,10 @@ class GradientVarianceCallback(L.Callback):
         if self.source != "pairs":
             return coupling.sample(n, g)
         if coupling.pairs is None:
-            raise ValueError(f"callbacks.gradvar.source=pairs needs a finite coupling (fixed, rotated with n_pairs, "
-                             f"shuffled_ot, reflow), got {coupling.name}")
+            raise ValueError(
+                f"callbacks.gradvar.source=pairs needs a finite coupling (fixed, rotated with n_pairs, "
+                f"shuffled_ot, reflow), got {coupling.name}"
+            )
         idx = torch.arange(n) % len(coupling.pairs[0])
         return coupling.pairs[0][idx], coupling.pairs[1][idx]
 
@@ -105,8 +120,14 @@ class GradientVarianceCallback(L.Callback):
     def measure(self, trainer, pl_module) -> gv.GradVarStats:
         """Bin sums on this rank's probe, summed over ranks, turned into statistics."""
         with torch.inference_mode(False), torch.enable_grad():
-            sums = gv.bin_sums(pl_module.model, self.probe(pl_module), self.edges, method=self.method,
-                               chunk_size=self.chunk_size, groups=self.groups)
+            sums = gv.bin_sums(
+                pl_module.model,
+                self.probe(pl_module),
+                self.edges,
+                method=self.method,
+                chunk_size=self.chunk_size,
+                groups=self.groups,
+            )
         if trainer.world_size > 1:
             flat = trainer.strategy.reduce(sums.as_tensor().to(pl_module.device), reduce_op="sum")
             sums = sums.from_tensor(flat.cpu())

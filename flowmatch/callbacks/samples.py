@@ -15,6 +15,7 @@ every logger with a ``log_image`` method (WandbLogger) under the key ``samples``
 A grid is also written at the end of training. Non-image data (event shape not (C, H, W)) is skipped with
 a warning.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -35,9 +36,19 @@ __all__ = ["SampleGrid"]
 class SampleGrid(L.Callback):
     """Writes sample grids (and pair grids for finite couplings) every ``every_n_steps`` (module docstring)."""
 
-    def __init__(self, every_n_steps: int = 500, n_samples: int = 64, steps: int = 20, nrow: int = 8,
-                 n_pairs_shown: int = 8, seed: int = 0, dirname: str = "samples", solver: Solver | None = None,
-                 log_key: str = "samples", min_size: int = 32) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        n_samples: int = 64,
+        steps: int = 20,
+        nrow: int = 8,
+        n_pairs_shown: int = 8,
+        seed: int = 0,
+        dirname: str = "samples",
+        solver: Solver | None = None,
+        log_key: str = "samples",
+        min_size: int = 32,
+    ) -> None:
         if int(every_n_steps) < 1 or int(n_samples) < 1 or int(n_pairs_shown) < 1:
             raise ValueError("callbacks.samples: every_n_steps, n_samples and n_pairs_shown must be >= 1")
         self.every, self.n_samples, self.nrow = int(every_n_steps), int(n_samples), int(nrow)
@@ -54,7 +65,9 @@ class SampleGrid(L.Callback):
         dm = trainer.datamodule
         dm.setup("fit")
         if len(dm.p0.shape) != 3:
-            warnings.warn(f"callbacks.samples: data of shape {dm.p0.shape} are not images (C, H, W); no grids")
+            warnings.warn(
+                f"callbacks.samples: data of shape {dm.p0.shape} are not images (C, H, W); no grids", stacklevel=2
+            )
             self.enabled = False
             return
         setup = dm.eval_setup()  # CPU copies of the ends and the training pairs

@@ -9,6 +9,7 @@ Why not Lightning's ``ThroughputMonitor``: it logs windowed rates to the loggers
 this callback measures one rate over the whole run after a warm-up, synchronising CUDA, and writes it to a file
 that benchmark scripts read.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,12 +47,20 @@ class Throughput(L.Callback):
             print(f"flowmatch: throughput not measured ({trainer.global_step} steps <= warmup {self.warmup})")
             return
         dt, n = self._now(pl_module) - self.t0, trainer.global_step - self.step0
-        self.result = {"steps": n, "seconds": dt, "steps_per_s": n / dt, "samples_per_s": n * self.batch_size / dt,
-                       "batch_size": self.batch_size, "device": str(pl_module.device),
-                       "precision": str(trainer.precision)}
+        self.result = {
+            "steps": n,
+            "seconds": dt,
+            "steps_per_s": n / dt,
+            "samples_per_s": n * self.batch_size / dt,
+            "batch_size": self.batch_size,
+            "device": str(pl_module.device),
+            "precision": str(trainer.precision),
+        }
         if trainer.is_global_zero:
-            print(f"flowmatch: throughput {n / dt:.2f} steps/s, {n * self.batch_size / dt:.1f} samples/s "
-                  f"({n} steps after {self.step0} warm-up steps, batch {self.batch_size}, {pl_module.device}, "
-                  f"precision {trainer.precision})")
+            print(
+                f"flowmatch: throughput {n / dt:.2f} steps/s, {n * self.batch_size / dt:.1f} samples/s "
+                f"({n} steps after {self.step0} warm-up steps, batch {self.batch_size}, {pl_module.device}, "
+                f"precision {trainer.precision})"
+            )
             Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
             (Path(trainer.default_root_dir) / "throughput.json").write_text(json.dumps(self.result, indent=2) + "\n")

@@ -1,4 +1,5 @@
 """The shared DataModule: two end distributions, a direction and a coupling -> batches of pairs."""
+
 from __future__ import annotations
 
 import lightning as L
@@ -32,13 +33,25 @@ class FlowDataModule(L.LightningDataModule):
     The coupling's finite pair set is saved in checkpoints (``state_dict``).
     """
 
-    def __init__(self, coupling: Coupling, direction: str = "forward", batch_size: int = 256,
-                 val_size: int = 1024, test_size: int = 1024, seed: int = 0) -> None:
+    def __init__(
+        self,
+        coupling: Coupling,
+        direction: str = "forward",
+        batch_size: int = 256,
+        val_size: int = 1024,
+        test_size: int = 1024,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"data.batch_size must be an integer >= 1, got {batch_size}")
         self.coupling, self.direction = coupling, direction
-        self.batch_size, self.val_size, self.test_size, self.seed = int(batch_size), int(val_size), int(test_size), int(seed)
+        self.batch_size, self.val_size, self.test_size, self.seed = (
+            int(batch_size),
+            int(val_size),
+            int(test_size),
+            int(seed),
+        )
         self.p0 = self.p1 = None
 
     def build_ends(self):

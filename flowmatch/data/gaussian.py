@@ -1,4 +1,5 @@
 """Synthetic data: N(0, I_d) noise against a Gaussian N(mean, cov) or a Gaussian mixture."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,19 @@ class GaussianDataModule(FlowDataModule):
     ``mean``: scalar or list; ``cov``: scalar, list of variances or matrix.
     """
 
-    def __init__(self, coupling, dim: int = 2, kind: str = "gaussian", mean=5.0, cov=1.0,
-                 k: int = 8, radius: float = 5.0, std: float = 0.5, centers: str = "circle", **kwargs) -> None:
+    def __init__(
+        self,
+        coupling,
+        dim: int = 2,
+        kind: str = "gaussian",
+        mean=5.0,
+        cov=1.0,
+        k: int = 8,
+        radius: float = 5.0,
+        std: float = 0.5,
+        centers: str = "circle",
+        **kwargs,
+    ) -> None:
         super().__init__(coupling, **kwargs)
         self.dim = _check_dim(dim)
         if kind not in KINDS:

@@ -14,6 +14,7 @@ Then batches are gathered and noise is drawn on the GPU (indices and flips still
 generator, so the stream is seeded; noise draws differ from a CPU run). Evaluation always uses CPU copies.
 Missing files stop at build time with the loaders' :class:`~flowmatch.data.images.DatasetNotFoundError`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -28,17 +29,27 @@ from flowmatch.distributions import Empirical, StandardNormal
 from flowmatch.evaluation import EvalSetup
 from flowmatch.streams import generator
 
-__all__ = ["ImageDataModule", "CIFAR10DataModule", "CelebADataModule", "DigitsDataModule",
-           "RandomImageDataModule"]
+__all__ = ["ImageDataModule", "CIFAR10DataModule", "CelebADataModule", "DigitsDataModule", "RandomImageDataModule"]
 
 
 class ImageDataModule(FlowDataModule):
     """Base of the image modules; subclasses implement ``load(split)`` for "train", "val", "test"."""
 
-    def __init__(self, coupling, channels: int = 3, image_size: int = 32, dim: int | None = None,
-                 root: str = "data", download: bool = False, verify_checksums: bool = True,
-                 subset: int | None = None, hflip: bool = False, device: str = "cpu",
-                 max_gpu_fraction: float = 0.5, **kwargs) -> None:
+    def __init__(
+        self,
+        coupling,
+        channels: int = 3,
+        image_size: int = 32,
+        dim: int | None = None,
+        root: str = "data",
+        download: bool = False,
+        verify_checksums: bool = True,
+        subset: int | None = None,
+        hflip: bool = False,
+        device: str = "cpu",
+        max_gpu_fraction: float = 0.5,
+        **kwargs,
+    ) -> None:
         super().__init__(coupling, **kwargs)
         self.channels, self.image_size = int(channels), int(image_size)
         expected = self.channels * self.image_size**2
@@ -60,8 +71,10 @@ class ImageDataModule(FlowDataModule):
 
     def _checked(self, x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"{type(self).__name__}: images have shape {tuple(x.shape[1:])} but the config says "
-                             f"(data.channels, data.image_size, data.image_size) = {self.shape}")
+            raise ValueError(
+                f"{type(self).__name__}: images have shape {tuple(x.shape[1:])} but the config says "
+                f"(data.channels, data.image_size, data.image_size) = {self.shape}"
+            )
         return x
 
     def build_ends(self):
@@ -89,8 +102,11 @@ class ImageDataModule(FlowDataModule):
             free, _ = torch.cuda.mem_get_info(device)
             need = self.train_data.numel() * self.train_data.element_size()
             if need > self.max_gpu_fraction * free:
-                warnings.warn(f"data.device=auto: the training images ({need / 2**30:.1f} GiB) stay on the CPU "
-                              f"(more than {self.max_gpu_fraction} of the free GPU memory)")
+                warnings.warn(
+                    f"data.device=auto: the training images ({need / 2**30:.1f} GiB) stay on the CPU "
+                    f"(more than {self.max_gpu_fraction} of the free GPU memory)",
+                    stacklevel=2,
+                )
                 return None
         return device
 
@@ -112,8 +128,12 @@ class ImageDataModule(FlowDataModule):
         """CPU ends and, when the images are the target (forward), the training and held-out images."""
         self.setup()
         forward = self.direction == "forward"
-        return EvalSetup.from_ends(*self._cpu_ends, self.coupling, train_data=self.train_data if forward else None,
-                                   test_data=(lambda: self.held_out("test")) if forward else None)
+        return EvalSetup.from_ends(
+            *self._cpu_ends,
+            self.coupling,
+            train_data=self.train_data if forward else None,
+            test_data=(lambda: self.held_out("test")) if forward else None,
+        )
 
 
 class CIFAR10DataModule(ImageDataModule):
@@ -123,8 +143,12 @@ class CIFAR10DataModule(ImageDataModule):
         super().__init__(coupling, channels=channels, image_size=image_size, **kwargs)
 
     def load(self, split: str) -> Tensor:
-        return I.load_cifar10(self.root, "train" if split == "train" else "test", download=self.download,
-                              verify_checksums=self.verify_checksums)
+        return I.load_cifar10(
+            self.root,
+            "train" if split == "train" else "test",
+            download=self.download,
+            verify_checksums=self.verify_checksums,
+        )
 
 
 class CelebADataModule(ImageDataModule):
@@ -136,17 +160,32 @@ class CelebADataModule(ImageDataModule):
 
     SPLITS = {"train": "train", "val": "valid", "test": "test"}
 
-    def __init__(self, coupling, channels: int = 3, image_size: int = 64, crop: int | None = 140,
-                 num_workers: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        coupling,
+        channels: int = 3,
+        image_size: int = 64,
+        crop: int | None = 140,
+        num_workers: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(coupling, channels=channels, image_size=image_size, **kwargs)
         if self.channels != 3:
             raise ValueError(f"data.channels must be 3 for CelebA, got {channels}")
         self.crop, self.num_workers = (None if crop is None else int(crop)), num_workers
 
     def _load(self, split: str, n: int | None, seed: int) -> Tensor:
-        return I.load_celeba(self.root, self.SPLITS[split], crop=self.crop, size=self.image_size,
-                             download=self.download, verify_checksums=self.verify_checksums, subset=n, seed=seed,
-                             num_workers=self.num_workers)
+        return I.load_celeba(
+            self.root,
+            self.SPLITS[split],
+            crop=self.crop,
+            size=self.image_size,
+            download=self.download,
+            verify_checksums=self.verify_checksums,
+            subset=n,
+            seed=seed,
+            num_workers=self.num_workers,
+        )
 
     def load(self, split: str) -> Tensor:
         if split == "train":
@@ -168,8 +207,9 @@ class DigitsDataModule(ImageDataModule):
     """scikit-learn's 1,797 8x8 digits (1 channel; ``upsample`` x nearest), offline. ``holdout`` images,
     drawn by ``seed``, are held out for val and test; the rest is the training split."""
 
-    def __init__(self, coupling, channels: int = 1, image_size: int = 8, upsample: int = 1, holdout: int = 297,
-                 **kwargs) -> None:
+    def __init__(
+        self, coupling, channels: int = 1, image_size: int = 8, upsample: int = 1, holdout: int = 297, **kwargs
+    ) -> None:
         super().__init__(coupling, channels=channels, image_size=image_size, **kwargs)
         self.upsample, self.holdout = int(upsample), int(holdout)
         if not 1 <= self.holdout < 1797:
@@ -178,7 +218,7 @@ class DigitsDataModule(ImageDataModule):
     def load(self, split: str) -> Tensor:
         x = I.load_digits(upsample=self.upsample)
         perm = torch.randperm(len(x), generator=generator(self.seed, "data"))
-        idx = perm[self.holdout:] if split == "train" else perm[:self.holdout]
+        idx = perm[self.holdout :] if split == "train" else perm[: self.holdout]
         return x[idx.sort().values]
 
 
@@ -195,4 +235,3 @@ class RandomImageDataModule(ImageDataModule):
         n = self.n_images if split == "train" else max(2, min(self.n_images, held))
         g = generator(self.seed + {"train": 0, "val": 1, "test": 2}[split], "data")
         return torch.rand(n, *self.shape, generator=g) * 2 - 1
-

@@ -18,6 +18,7 @@ that names the expected layout under ``root`` and how to get the data; with ``do
 network (or no ``gdown`` for CelebA) the same error is raised, chained to the original cause. Files that are
 present but fail an md5 check raise :class:`DatasetIntegrityError`, a subclass of it.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,9 +66,8 @@ CELEBA_TEXT_FILES = [
     "list_attr_celeba.txt",
 ]
 CIFAR10_LAYOUT = "<root>/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch, batches.meta}"
-CELEBA_LAYOUT = (
-    "<root>/celeba/img_align_celeba/*.jpg (000001.jpg ...), and in <root>/celeba/: "
-    + ", ".join(CELEBA_TEXT_FILES)
+CELEBA_LAYOUT = "<root>/celeba/img_align_celeba/*.jpg (000001.jpg ...), and in <root>/celeba/: " + ", ".join(
+    CELEBA_TEXT_FILES
 )
 
 
@@ -169,8 +169,17 @@ def load_cifar10(root, split: str = "train", download: bool = False, verify_chec
         "cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) so that this layout exists."
     )
     ds = _build(
-        cls, "CIFAR-10", root, root / CIFAR10.base_folder, CIFAR10_FILES, md5s, CIFAR10_LAYOUT, how,
-        verify_checksums, download, train=(split == "train"),
+        cls,
+        "CIFAR-10",
+        root,
+        root / CIFAR10.base_folder,
+        CIFAR10_FILES,
+        md5s,
+        CIFAR10_LAYOUT,
+        how,
+        verify_checksums,
+        download,
+        train=(split == "train"),
     )
     return to_unit_range(torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous())
 
@@ -233,8 +242,18 @@ def load_celeba(
         "them in this layout."
     )
     ds = _build(
-        cls, "CelebA", root, folder, ["img_align_celeba"] + CELEBA_TEXT_FILES, md5s, CELEBA_LAYOUT, how,
-        verify_checksums, download, split=split, target_type=[],
+        cls,
+        "CelebA",
+        root,
+        folder,
+        ["img_align_celeba"] + CELEBA_TEXT_FILES,
+        md5s,
+        CELEBA_LAYOUT,
+        how,
+        verify_checksums,
+        download,
+        split=split,
+        target_type=[],
     )
     names = list(ds.filename)
     if not names:
@@ -243,8 +262,7 @@ def load_celeba(
     paths = [str(folder / "img_align_celeba" / names[i]) for i in idx]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise _not_found("CelebA images", root, CELEBA_LAYOUT, [os.path.relpath(p, root) for p in missing],
-                         how, None)
+        raise _not_found("CelebA images", root, CELEBA_LAYOUT, [os.path.relpath(p, root) for p in missing], how, None)
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
 

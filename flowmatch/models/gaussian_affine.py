@@ -11,6 +11,7 @@ field (``"rot"``, Theta_R = M^{1/2} R(angle) - I) for a target N(mean, M = cov).
 The field is undefined where I + t Theta is singular (e.g. ``"rot"`` with angle 180 and cov = I at
 t = 1/2, where every line crosses); ``forward`` then raises ``torch.linalg.LinAlgError``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,7 +42,7 @@ class GaussianAffine(nn.Module):
             self.set_field(field, mean, cov, angle)
 
     @torch.no_grad()
-    def set_field(self, field: str, mean=None, cov=None, angle: float = 180.0) -> "GaussianAffine":
+    def set_field(self, field: str, mean=None, cov=None, angle: float = 180.0) -> GaussianAffine:
         """Set (theta, Theta) to the ``"ot"`` or ``"rot"`` Lemma-1 field; returns ``self``."""
         theta, Theta = field_params(field, mean, cov, angle, dim=self.dim)
         self.theta.copy_(theta)

@@ -1,4 +1,5 @@
 """A multilayer perceptron velocity field v(x, t) for vector data."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,7 @@ class FourierTime(nn.Module):
 
     def __init__(self, n_freqs: int) -> None:
         super().__init__()
-        self.register_buffer("freqs", 2 * math.pi * torch.arange(1, n_freqs + 1, dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer("freqs", 2 * math.pi * torch.arange(1, n_freqs + 1, dtype=torch.float32), persistent=False)
         self.out_dim = 1 + 2 * n_freqs
 
     def forward(self, t: Tensor) -> Tensor:
@@ -30,8 +30,9 @@ class MLP(nn.Module):
     Inputs with more than one event dimension are flattened and the output reshaped back.
     """
 
-    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_freqs: int = 4,
-                 activation: str = "silu") -> None:
+    def __init__(
+        self, dim: int, width: int = 256, depth: int = 3, time_freqs: int = 4, activation: str = "silu"
+    ) -> None:
         super().__init__()
         if int(dim) < 1:
             raise ValueError(f"model.dim must be an integer >= 1, got {dim}")

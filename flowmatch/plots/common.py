@@ -1,4 +1,5 @@
 """Reading run directories for figures."""
+
 from __future__ import annotations
 
 import json
@@ -22,5 +23,5 @@ def load_run(run: Path) -> tuple[dict, dict]:
 def euler_series(metrics: dict, name: str) -> tuple[list[int], list[float]]:
     """Sorted (K, value) pairs of the keys ``eval/{name}@euler{K}``."""
     prefix = f"eval/{name}@euler"
-    items = sorted((int(k[len(prefix):]), v) for k, v in metrics.items() if k.startswith(prefix))
+    items = sorted((int(k[len(prefix) :]), v) for k, v in metrics.items() if k.startswith(prefix))
     return [k for k, _ in items], [v for _, v in items]

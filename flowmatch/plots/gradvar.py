@@ -4,6 +4,7 @@
 (time bin x training step, log colour) and ``gradvar_profile.png`` (per-bin variance and loss of
 the last probe); with several runs also ``gradvar_profiles.png`` in the first run's parent folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,7 +85,9 @@ def plot_profiles(runs: list[Path], labels: list[str], out: Path) -> Path:
         mid = (d["t_lo"][last] + d["t_hi"][last]) / 2
         ax[0].plot(mid, _positive(d["grad_var"][last]), marker="o", label=label)
         ax[1].plot(mid, _positive(d["loss"][last]), marker="o", label=label)
-    ax[0].set(yscale="log", xlabel="t (bin centre)", ylabel="grad variance", title="per-bin gradient variance (last probe)")
+    ax[0].set(
+        yscale="log", xlabel="t (bin centre)", ylabel="grad variance", title="per-bin gradient variance (last probe)"
+    )
     ax[1].set(yscale="log", xlabel="t (bin centre)", ylabel="loss", title="per-bin loss (last probe)")
     for a in ax:
         a.grid(alpha=0.3)

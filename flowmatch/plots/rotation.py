@@ -6,6 +6,7 @@ and fine Euler integration and with the configured solver) and ``rotation_pair_a
 accuracy, distance to the training partner and to the OT map against the number of Euler steps) and,
 when the runs have a gradvar.csv, ``rotation_gradvar.png`` (last per-bin gradient variance and loss).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ def _runs(root: Path):
 def plot_trajectories(runs, out: Path) -> None:
     """Training pairs next to the integrated trajectories of each kept solver, one row per sigma (PNG ``out``)."""
     panels = ["pairs"] + sorted({k for (_, _), r in runs for k in _traj_keys(r)}, key=_traj_order)
-    fig, axes = plt.subplots(len(runs), len(panels), figsize=(3.2 * len(panels), 3.2 * len(runs)),
-                             squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        len(runs), len(panels), figsize=(3.2 * len(panels), 3.2 * len(runs)), squeeze=False, sharex=True, sharey=True
+    )
     for row, ((cfg, metrics), run) in enumerate(runs):
         data = torch.load(run / "eval_trajectories.pt")
         x0, x1 = data["x0"].numpy(), data["x1"].numpy()
@@ -80,21 +82,34 @@ def plot_pair_accuracy(runs, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for (cfg, metrics), _ in runs:
         ks, acc = euler_series(metrics, "pair_acc")
-        line, = axes[0].plot(ks, acc, marker="o", label=_label(cfg))
+        (line,) = axes[0].plot(ks, acc, marker="o", label=_label(cfg))
         ks, l2p = euler_series(metrics, "l2_partner")
         axes[1].plot(ks, l2p, marker="o", color=line.get_color(), label=f"{_label(cfg)}: to partner")
         ks, l2o = euler_series(metrics, "l2_ot")
         if l2o:
             axes[1].plot(ks, l2o, marker="s", ls="--", color=line.get_color(), label=f"{_label(cfg)}: to OT map")
-    axes[0].set(xscale="log", xlabel="Euler steps", ylabel="pair accuracy", ylim=(-0.03, 1.03),
-                title="reproduces the training pairing?")
+    axes[0].set(
+        xscale="log",
+        xlabel="Euler steps",
+        ylabel="pair accuracy",
+        ylim=(-0.03, 1.03),
+        title="reproduces the training pairing?",
+    )
     axes[1].set(xscale="log", xlabel="Euler steps", ylabel="mean L2 of endpoint", title="distance to partner / OT map")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.text(0.5, 0.005, "All training lines cross at t = 1/2 (x = 2.5·1). Coarse Euler steps (odd K) step over the "
-             "crossing and land on the memorized partner; fine steps integrate through it, where a smooth network "
-             "cannot represent the singular memorizing field.", ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.text(
+        0.5,
+        0.005,
+        "All training lines cross at t = 1/2 (x = 2.5·1). Coarse Euler steps (odd K) step over the "
+        "crossing and land on the memorized partner; fine steps integrate through it, where a smooth network "
+        "cannot represent the singular memorizing field.",
+        ha="center",
+        va="bottom",
+        fontsize=7,
+        wrap=True,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -121,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     for png in sorted(out.glob("rotation_*.png")):
         print(f"  {png}")
     for _, r in runs:
-        print(f"  {r / 'metrics.json'}" + (f"  ({r / 'gradvar_heatmap.png'})" if (r / "gradvar_heatmap.png").exists()
-                                           else ""))
+        print(
+            f"  {r / 'metrics.json'}"
+            + (f"  ({r / 'gradvar_heatmap.png'})" if (r / "gradvar_heatmap.png").exists() else "")
+        )
 
 
 if __name__ == "__main__":
