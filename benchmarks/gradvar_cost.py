@@ -15,6 +15,7 @@ prints, as medians over alternating repetitions on the same batch:
 Goals: probe <= 2x a training step on both cases; probe >= 10x faster than the loop on the MLP.
 Run: ``python benchmarks/gradvar_cost.py [--reps N]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,12 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 from flowmatch.gradvar import bin_sums
 from flowmatch.interpolants import CFM
 from flowmatch.losses import per_sample_loss
+from flowmatch.models.mlp import MLP
+from flowmatch.models.unet import UNet
 
 K = 10
 
@@ -72,77 +74,52 @@ def peak_extra_mib(fn) -> tuple[float, str]:
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, "ru_maxrss"
 
 
-class LocalConvNet(nn.Module):
-    """Fallback small UNet-like net (GroupNorm, conv, Linear-qkv self-attention at 8x8) if no UNet exists."""
-
-    def __init__(self, c: int = 64) -> None:
-        super().__init__()
-        self.temb = nn.Sequential(nn.Linear(1, c), nn.SiLU(), nn.Linear(c, c))
-        self.inp = nn.Conv2d(3, c, 3, padding=1)
-        self.d1, self.d2 = nn.Conv2d(c, c, 3, stride=2, padding=1), nn.Conv2d(c, c, 3, stride=2, padding=1)
-        self.n1, self.n2, self.n3 = nn.GroupNorm(8, c), nn.GroupNorm(8, c), nn.GroupNorm(8, c)
-        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
-        self.u1, self.u2 = nn.Conv2d(2 * c, c, 3, padding=1), nn.Conv2d(2 * c, c, 3, padding=1)
-        self.out = nn.Conv2d(c, 3, 3, padding=1)
-
-    def forward(self, x, t):
-        act = nn.functional.silu
-        h0 = self.inp(x) + self.temb(t[:, None])[:, :, None, None]
-        h1 = self.d1(act(self.n1(h0)))
-        h2 = self.d2(act(self.n2(h1)))
-        b, c, hh, ww = h2.shape
-        s = self.n3(h2).flatten(2).transpose(1, 2)
-        q, k, v = self.qkv(s).chunk(3, -1)
-        s = self.proj(torch.softmax(q @ k.transpose(1, 2) / c ** 0.5, -1) @ v)
-        h2 = h2 + s.transpose(1, 2).reshape(b, c, hh, ww)
-        up = nn.functional.interpolate
-        h = self.u1(torch.cat([up(h2, scale_factor=2.0), h1], 1))
-        h = self.u2(torch.cat([up(act(h), scale_factor=2.0), h0], 1))
-        return self.out(act(h))
-
-
 def make_cases():
-    cases = []
-    try:
-        from flowmatch.models.mlp import MLP
-        mlp, note = MLP(2, width=256, depth=3), "flowmatch.models.mlp.MLP(2, width=256, depth=3)"
-    except ImportError:
-        mlp = nn.Sequential(nn.Linear(3, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU(), nn.Linear(256, 256),
-                            nn.SiLU(), nn.Linear(256, 2))
-        mlp.forward = lambda x, t, _m=mlp: nn.Sequential.forward(_m, torch.cat([x, t[:, None]], 1))
-        note = "local MLP (flowmatch.models.mlp not importable)"
-    cases.append(("MLP", mlp, (2,), 256, note))
-    try:
-        from flowmatch.models.unet import UNet
-        unet = UNet(3, 32, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-                    dropout=0.0, num_heads=4)
-        note = "flowmatch.models.unet.UNet, preset 'unet' (base 32, mult (1,2), 1 res block, mid attention)"
-    except ImportError:
-        unet, note = LocalConvNet(), "LOCAL fallback conv net (flowmatch.models.unet.UNet not importable)"
-    cases.append(("UNet", unet, (3, 32, 32), 64, note))
-    return cases
+    """(name, model, sample shape, B, description) of the two benchmark cases."""
+    mlp = MLP(2, width=256, depth=3)
+    unet = UNet(
+        3,
+        32,
+        base_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        dropout=0.0,
+        num_heads=4,
+    )
+    return [
+        ("MLP", mlp, (2,), 256, "flowmatch.models.mlp.MLP(2, width=256, depth=3)"),
+        (
+            "UNet",
+            unet,
+            (3, 32, 32),
+            64,
+            "flowmatch.models.unet.UNet, preset 'unet' (base 32, mult (1,2), 1 res block, mid attention)",
+        ),
+    ]
 
 
-def make_fns(name, model, shape, B, lf):
+def make_fns(name, model, shape, B):
+    """The timed functions of one case on one fixed CFM(0.05) batch (a PathSample)."""
     torch.manual_seed(1)
-    batch = {"x0": torch.randn(B, *shape), "x1": torch.randn(B, *shape), "t": torch.rand(B),
-             "eps": torch.randn(B, *shape)}
+    batch = CFM(0.05)(torch.randn(B, *shape), torch.randn(B, *shape), torch.rand(B), torch.randn(B, *shape))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     used = {}
 
     def train():
         model.train()
         opt.zero_grad(set_to_none=True)
-        lf(model, batch).mean().backward()
+        per_sample_loss(model, batch).mean().backward()
         opt.step()
 
     def probe(chunk):
         def run():
-            used[chunk] = bin_sums(model, lf, batch, K, chunk_size=chunk).method
+            used[chunk] = bin_sums(model, batch, K, chunk_size=chunk).method
+
         return run
 
     def loop():
-        bin_sums(model, lf, batch, K, method="loop")
+        bin_sums(model, batch, K, method="loop")
 
     chunks = sorted({64, B})
     return {"train step": train, **{f"probe chunk={c}": probe(c) for c in chunks}, "naive loop": loop}, chunks, used
@@ -153,7 +130,7 @@ def time_case(name, fns, reps):
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(reps):
-        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):  # alternate the order
+        for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:  # alternate the order
             if k == "naive loop" and name != "MLP" and r >= 2:
                 continue  # the UNet loop is slow; 2 repetitions
             t0 = time.perf_counter()
@@ -169,22 +146,13 @@ def memory_child(case: str, key: str) -> None:
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so large freed buffers are unmapped
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    lf = _loss()
     for name, model, shape, B, _ in make_cases():
         if name == case:
-            fns = make_fns(name, model, shape, B, lf)[0]
+            fns = make_fns(name, model, shape, B)[0]
             fns["train step"]()
             fns[key]()
             mib, how = peak_extra_mib(fns[key])
             print(f"{mib:.1f} {how}")
-
-
-def _loss():
-    interp = CFM(0.05)
-
-    def lf(model, c):
-        return per_sample_loss(model, interp, c["x0"], c["x1"], c["t"], c["eps"])
-    return lf
 
 
 def main() -> None:
@@ -196,23 +164,25 @@ def main() -> None:
         return memory_child(*args.memory_child)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    lf = _loss()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, K = {K} bins, loss = CFM(0.05) per-sample")
     for name, model, shape, B, note in make_cases():
-        fns, chunks, used = make_fns(name, model, shape, B, lf)
+        fns, chunks, used = make_fns(name, model, shape, B)
         times = time_case(name, fns, args.reps if name == "MLP" else max(3, args.reps // 2))
         med = {k: statistics.median(v) for k, v in times.items()}
         P = sum(p.numel() for p in model.parameters())
         print(f"\n== {name}: {note}; {P:,} parameters, B = {B}, engine used: {used[64]}")
         for k in fns:
-            out = subprocess.run([sys.executable, __file__, "--memory-child", name, k], capture_output=True,
-                                 text=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", name, k], capture_output=True, text=True
+            ).stdout.split()
             mem = f"{out[0]:>7} MiB ({out[1]})" if len(out) == 2 else "n/a"
             print(f"  {k:<16} {med[k] * 1e3:9.1f} ms (median of {len(times[k])})   peak extra memory {mem}")
         for c in chunks:
             p = med[f"probe chunk={c}"]
-            print(f"  chunk={c:<4} probe / train step = {p / med['train step']:5.2f}   "
-                  f"naive loop / probe = {med['naive loop'] / p:6.1f}")
+            print(
+                f"  chunk={c:<4} probe / train step = {p / med['train step']:5.2f}   "
+                f"naive loop / probe = {med['naive loop'] / p:6.1f}"
+            )
 
 
 if __name__ == "__main__":

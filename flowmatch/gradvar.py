@@ -15,22 +15,37 @@ samples outside [e_0, e_K] are ignored. For bin k with n_k samples (I_k their in
 Only the sufficient statistics n_k, sum l_i, sum ||g_i||^2 and sum g_i (K x P) are accumulated, streaming over
 chunks of the probe (:class:`BinSums`), so memory is O(K P + chunk cost) and sums from several processes add up
 exactly (one all-reduce SUM of :meth:`BinSums.as_tensor`). Per parameter group the same formulas hold with g_i
-restricted to the group's parameters. Per-sample gradients are exact (:mod:`flowmatch.persample`).
+restricted to the group's parameters. Per-sample gradients are exact (:mod:`flowmatch.persample`); every sum
+and squared norm is float64 whatever the model's dtype, because grad_var_k cancels the two terms of its
+numerator E||g||^2 / tr Cov-fold (about 1e6 when the mean gradient is 1000 times the per-sample spread).
 """
+
 from __future__ import annotations
 
 import logging
 import numbers
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
 
-from flowmatch.persample import HooksEngine, HooksUnsupported, loop_engine, slice_chunk, vmap_engine
+from flowmatch.interpolants import PathSample
+from flowmatch.losses import per_sample_loss
+from flowmatch.persample import Chunk, HooksUnsupported, Job, LossFn, loop_engine, vmap_engine
+from flowmatch.persample_hooks import HooksEngine
 
-__all__ = ["bin_edges", "bin_index", "stratified_times", "param_groups", "BinSums", "GradVarStats",
-           "bin_sums", "gradient_variance", "COLUMNS"]
+__all__ = [
+    "bin_edges",
+    "bin_index",
+    "stratified_times",
+    "param_groups",
+    "BinSums",
+    "GradVarStats",
+    "bin_sums",
+    "gradient_variance",
+    "COLUMNS",
+]
 log = logging.getLogger(__name__)
 COLUMNS = ("step", "t_lo", "t_hi", "n", "loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm")
 _KEY = "callbacks.gradvar.bins"
@@ -40,8 +55,11 @@ def bin_edges(bins) -> Tensor:
     """Edges (K+1,) float64: ``K`` equal bins of [0, 1] for an int, else the given strictly increasing edges."""
     if isinstance(bins, Tensor):
         bins = bins.tolist()
-    if isinstance(bins, (bool, str)) or isinstance(bins, numbers.Number) and (
-            not float(bins).is_integer() or int(bins) < 1):
+    if (
+        isinstance(bins, (bool, str))
+        or isinstance(bins, numbers.Number)
+        and (not float(bins).is_integer() or int(bins) < 1)
+    ):
         raise ValueError(f"{_KEY} must be a bin count >= 1 or a list of edges in [0, 1], got {bins!r}")
     if isinstance(bins, numbers.Number):
         return torch.linspace(0.0, 1.0, int(bins) + 1, dtype=torch.float64)
@@ -67,8 +85,9 @@ def bin_index(t: Tensor, edges: Tensor) -> Tensor:
     return torch.where((tt < e[0]) | (tt > e[-1]) | tt.isnan(), K, idx)
 
 
-def stratified_times(n_per_bin: int, edges, generator: torch.Generator | None = None,
-                     dtype=torch.float32, device=None) -> Tensor:
+def stratified_times(
+    n_per_bin: int, edges, generator: torch.Generator | None = None, dtype=torch.float32, device=None
+) -> Tensor:
     """(K * n_per_bin,) times, ``n_per_bin`` drawn uniformly inside each bin (bin-major order)."""
     e = bin_edges(edges)
     K = e.numel() - 1
@@ -125,26 +144,45 @@ class GradVarStats:
 
     def rows(self, step: int) -> list[dict]:
         """One dict per bin with exactly the gradvar.csv columns ``COLUMNS``."""
-        return [{"step": int(step), "t_lo": float(self.t_lo[k]), "t_hi": float(self.t_hi[k]),
-                 "n": int(self.n[k]), "loss": float(self.loss[k]), "grad_var": float(self.grad_var[k]),
-                 "grad_sqnorm": float(self.grad_sqnorm[k]), "mean_grad_sqnorm": float(self.mean_grad_sqnorm[k])}
-                for k in range(self.n.numel())]
+        return [
+            {
+                "step": int(step),
+                "t_lo": float(self.t_lo[k]),
+                "t_hi": float(self.t_hi[k]),
+                "n": int(self.n[k]),
+                "loss": float(self.loss[k]),
+                "grad_var": float(self.grad_var[k]),
+                "grad_sqnorm": float(self.grad_sqnorm[k]),
+                "mean_grad_sqnorm": float(self.mean_grad_sqnorm[k]),
+            }
+            for k in range(self.n.numel())
+        ]
 
     def group_rows(self, step: int) -> list[dict]:
         """Rows ``step, group, t_lo, t_hi, n, grad_var, grad_sqnorm, mean_grad_sqnorm`` per (group, bin)."""
-        return [{"step": int(step), "group": g, "t_lo": float(self.t_lo[k]), "t_hi": float(self.t_hi[k]),
-                 "n": int(self.n[k]), **{s: float(v[k]) for s, v in st.items()}}
-                for g, st in self.groups.items() for k in range(self.n.numel())]
+        return [
+            {
+                "step": int(step),
+                "group": g,
+                "t_lo": float(self.t_lo[k]),
+                "t_hi": float(self.t_hi[k]),
+                "n": int(self.n[k]),
+                **{s: float(v[k]) for s, v in st.items()},
+            }
+            for g, st in self.groups.items()
+            for k in range(self.n.numel())
+        ]
 
 
 @dataclass
 class BinSums:
-    """Sufficient statistics per bin: n (K,), loss_sum (K,), sqnorm_sum (K,) = sum ||g_i||^2, group_sqnorm_sum
-    (K, G) in float64, and sum g_i stored parameter-major in ``grad_flat`` (for each parameter in ``layout.names``
-    order a contiguous (K, numel) block; :meth:`blocks` views them, :attr:`grad_sum` is the (K, P) matrix) in the
-    parameters' dtype (float64 after :meth:`from_tensor`; its rounding is below that of the float32 per-sample
-    gradients themselves). Sums over disjoint probes add: ``a + b`` (or :meth:`merge`) equals one pass over the
-    union; :meth:`as_tensor` / :meth:`from_tensor` pack them into one float64 tensor for an all-reduce SUM."""
+    """Sufficient statistics per bin, all float64 whatever the model's dtype: n (K,), loss_sum (K,), sqnorm_sum
+    (K,) = sum ||g_i||^2, group_sqnorm_sum (K, G), and sum g_i stored parameter-major in ``grad_flat`` (for each
+    parameter in ``layout.names`` order a contiguous (K, numel) block; :meth:`blocks` views them,
+    :attr:`grad_sum` is the (K, P) matrix). Float64 because grad_var = (sum ||g_i||^2 - n ||gbar||^2) / (n - 1)
+    cancels E||g||^2 / tr Cov-fold: float32 sums would lose ~1e-7 times that ratio (9% at a ratio of 1e6).
+    Sums over disjoint probes add: ``a + b`` (or :meth:`merge`) equals one pass over the union; :meth:`as_tensor`
+    / :meth:`from_tensor` pack them into one float64 tensor for an all-reduce SUM."""
 
     edges: Tensor
     n: Tensor
@@ -158,31 +196,33 @@ class BinSums:
     _FIELDS = ("n", "loss_sum", "sqnorm_sum", "group_sqnorm_sum", "grad_flat")
 
     @classmethod
-    def zeros(cls, edges: Tensor, layout: _Layout, device=None, method: str = "",
-              grad_dtype=torch.float64) -> "BinSums":
+    def zeros(cls, edges: Tensor, layout: _Layout, device=None, method: str = "") -> BinSums:
+        """All-zero sums for the bins ``edges`` and the parameter ``layout``."""
         K, P, G = edges.numel() - 1, sum(layout.sizes), len(layout.groups)
 
-        def z(*shape, dtype=torch.float64):
-            return torch.zeros(*shape, dtype=dtype, device=device)
-        return cls(edges.double().cpu(), z(K), z(K), z(K), z(K, G), z(K * P, dtype=grad_dtype), layout, method)
+        def z(*shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        return cls(edges.double().cpu(), z(K), z(K), z(K), z(K, G), z(K * P), layout, method)
 
     def blocks(self) -> dict[str, Tensor]:
         """Per parameter name, the (K, numel) view of sum g_i restricted to that parameter."""
         K = self.n.numel()
-        return dict(zip(self.layout.names, (b.view(K, -1) for b in
-                                            self.grad_flat.split([K * s for s in self.layout.sizes]))))
+        return dict(
+            zip(self.layout.names, (b.view(K, -1) for b in self.grad_flat.split([K * s for s in self.layout.sizes])))
+        )
 
     @property
     def grad_sum(self) -> Tensor:
         """(K, P) per-bin sum of the flattened per-sample gradients (a copy)."""
         return torch.cat(list(self.blocks().values()), 1) if self.layout.names else self.grad_flat.view(-1, 0)
 
-    def merge(self, other: "BinSums") -> "BinSums":
+    def merge(self, other: BinSums) -> BinSums:
+        """The sums over the union of the two probes (same edges and layout)."""
         if not torch.equal(self.edges, other.edges) or self.layout != other.layout:
             raise ValueError("cannot merge BinSums with different bin edges or parameter layout")
         method = self.method if self.method == other.method else f"{self.method}+{other.method}"
-        return BinSums(self.edges, *(getattr(self, f) + getattr(other, f) for f in self._FIELDS),
-                       self.layout, method)
+        return BinSums(self.edges, *(getattr(self, f) + getattr(other, f) for f in self._FIELDS), self.layout, method)
 
     __add__ = merge
 
@@ -190,7 +230,7 @@ class BinSums:
         """All sums in one flat float64 tensor (all-reduce it with SUM, then :meth:`from_tensor`)."""
         return torch.cat([getattr(self, f).reshape(-1).double() for f in self._FIELDS])
 
-    def from_tensor(self, flat: Tensor) -> "BinSums":
+    def from_tensor(self, flat: Tensor) -> BinSums:
         """A BinSums with this one's edges/layout and the sums read back from ``flat`` (see :meth:`as_tensor`)."""
         parts, out, i = {}, flat.reshape(-1).double(), 0
         expected = sum(getattr(self, f).numel() for f in self._FIELDS)
@@ -198,26 +238,37 @@ class BinSums:
             raise ValueError(f"flat tensor has {out.numel()} entries, expected {expected}")
         for f in self._FIELDS:
             ref = getattr(self, f)
-            parts[f] = out[i:i + ref.numel()].reshape(ref.shape)
+            parts[f] = out[i : i + ref.numel()].reshape(ref.shape)
             i += ref.numel()
         return BinSums(self.edges, layout=self.layout, method=self.method, **parts)
 
     def to_stats(self) -> GradVarStats:
+        """The per-bin statistics of the module docstring (:class:`GradVarStats`, on the CPU)."""
         n = self.n
-        sq_of = {name: torch.linalg.vector_norm(b, dim=1, dtype=torch.float64).square()
-                 for name, b in self.blocks().items()}  # ||sum g||^2 per parameter and bin
+        sq_of = {
+            name: torch.linalg.vector_norm(b, dim=1, dtype=torch.float64).square() for name, b in self.blocks().items()
+        }  # ||sum g||^2 per parameter and bin
 
         def total(names):
             return sum((sq_of[m] for m in names), torch.zeros_like(n))
-        groups = {name: {k: v.cpu() for k, v in _moments(n, self.group_sqnorm_sum[:, j], total(members)).items()}
-                  for j, (name, members) in enumerate(self.layout.groups)}
-        return GradVarStats(self.edges[:-1].clone(), self.edges[1:].clone(), n.round().long().cpu(),
-                            (self.loss_sum / n).cpu(),
-                            **{k: v.cpu() for k, v in _moments(n, self.sqnorm_sum, total(self.layout.names)).items()},
-                            groups=groups, method=self.method)
+
+        groups = {
+            name: {k: v.cpu() for k, v in _moments(n, self.group_sqnorm_sum[:, j], total(members)).items()}
+            for j, (name, members) in enumerate(self.layout.groups)
+        }
+        return GradVarStats(
+            self.edges[:-1].clone(),
+            self.edges[1:].clone(),
+            n.round().long().cpu(),
+            (self.loss_sum / n).cpu(),
+            **{k: v.cpu() for k, v in _moments(n, self.sqnorm_sum, total(self.layout.names)).items()},
+            groups=groups,
+            method=self.method,
+        )
 
 
 def _resolve_groups(model: nn.Module, params: dict, groups) -> tuple:
+    """``groups`` (None, "module", "layer" or {name: names}) as ((name, (parameter names...)), ...), checked."""
     if groups is None:
         return ()
     if isinstance(groups, str):
@@ -248,19 +299,30 @@ class TrainModeGuard:
             m.training = mode
 
 
-def bin_sums(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor], probe: dict[str, Tensor], edges,
-             method: str = "auto", chunk_size: int = 64, groups=None, verify: bool = True) -> BinSums:
+def bin_sums(
+    model: nn.Module,
+    probe: PathSample,
+    edges,
+    *,
+    loss_fn: LossFn = per_sample_loss,
+    method: str = "auto",
+    chunk_size: int = 64,
+    groups=None,
+    verify: bool = True,
+) -> BinSums:
     """Stream the probe in chunks of ``chunk_size`` and accumulate :class:`BinSums` (see module docstring).
 
-    ``loss_fn(model, chunk) -> (b,)`` per-sample losses, deterministic given the chunk (draw t, eps, ... into
-    the probe); ``probe["t"]`` (B,) bins the samples. ``method``: "hooks" (one forward+backward per chunk,
-    exact for Linear/Conv1d/Conv2d/LayerNorm/GroupNorm/Embedding), "vmap", "loop" or "auto" (hooks when every
+    ``probe``: a :class:`~flowmatch.interpolants.PathSample` (B samples); ``probe.t`` bins them.
+    ``loss_fn(model, path) -> (b,)`` per-sample losses on a slice of the probe (default: the flow-matching loss
+    :func:`~flowmatch.losses.per_sample_loss`), deterministic given the slice. ``method``: "hooks" (one
+    forward+backward per chunk, exact for Linear/Conv1d/Conv2d/LayerNorm/GroupNorm/Embedding), "vmap", "loop"
+    or "auto" (hooks when every
     trainable parameter is in a supported layer, else vmap). If an engine cannot handle the model it falls back
     hooks -> vmap -> loop (logged; ``result.method`` names the engine used). The model runs in eval mode (its
     modes are restored) and no ``.grad`` is touched. ``groups``: None, "module", "layer" or {name: [param
     names]}. ``verify`` (hooks): check the first sample against a direct backward on it alone.
 
-    The probe is reordered by bin and processed ``chunk_size`` samples at a time. Memory: K x P accumulators
+    The probe is reordered by bin and processed ``chunk_size`` samples at a time. Memory: K x P float64 sums
     plus, per chunk, about a training step's activations (hooks; Conv layers add chunk x weight-size per layer
     while it is processed), chunk x P per-sample gradients (vmap), or one sample's graph (loop). Under DDP call
     it on the bare module of every rank with that rank's probe shard, all-reduce ``as_tensor()`` (SUM) and read
@@ -269,24 +331,27 @@ def bin_sums(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor], pro
     if method not in ("auto", "hooks", "vmap", "loop"):
         raise ValueError(f"method must be 'auto', 'hooks', 'vmap' or 'loop', got {method!r}")
     e = bin_edges(edges)
-    if "t" not in probe:
-        raise ValueError("probe must contain the (B,) times under key 't'")
-    B = probe["t"].shape[0]
-    bad = [k for k, v in probe.items() if not isinstance(v, Tensor) or v.shape[:1] != (B,)]
+    if not isinstance(probe, PathSample):
+        raise ValueError(f"probe must be a flowmatch.interpolants.PathSample, got {type(probe).__name__}")
+    B = len(probe)
+    bad = [f.name for f in fields(probe) if getattr(probe, f.name).shape[:1] != (B,)]
     if bad:
-        raise ValueError(f"probe entries {bad} are not tensors with batch dimension {B} first")
+        raise ValueError(f"probe fields {bad} do not have batch dimension {B} first")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    layout = _Layout(tuple(params), tuple(p.numel() for p in params.values()),
-                     _resolve_groups(model, params, groups))
-    order = ["hooks", "vmap", "loop"][["hooks", "vmap", "loop"].index(method if method != "auto" else "hooks"):]
+    layout = _Layout(tuple(params), tuple(p.numel() for p in params.values()), _resolve_groups(model, params, groups))
+    order = ["hooks", "vmap", "loop"][["hooks", "vmap", "loop"].index(method if method != "auto" else "hooks") :]
+    p0 = next(iter(params.values()), None)
+    dev = p0.device if p0 is not None else probe.t.device
     with TrainModeGuard(model), torch.enable_grad():
         for i, name in enumerate(order):
+            out = BinSums.zeros(e, layout, dev, name)  # fresh sums for every engine tried
+            acc = {n: b.view(b.shape[0], *p.shape) for (n, b), p in zip(out.blocks().items(), params.values())}
             try:
                 if name == "hooks":
                     engine = HooksEngine(model, params, verify=verify)
                 else:
                     engine = vmap_engine if name == "vmap" else loop_engine
-                return _accumulate(engine, name, model, loss_fn, probe, e, int(chunk_size), params, layout)
+                return _accumulate(engine, Job(model, loss_fn, params, acc), out, _chunks(probe, e, chunk_size, dev))
             except RuntimeError as err:  # HooksUnsupported, or vmap's "not supported" errors
                 if name == "loop":
                     raise
@@ -296,45 +361,39 @@ def bin_sums(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor], pro
     raise AssertionError("unreachable")
 
 
-def _accumulate(engine, name, model, loss_fn, probe, e, chunk_size, params, layout) -> BinSums:
-    """Sort the probe by bin (sums are order-free; chunks then hold few runs of equal bins), drop samples
-    outside the edges, let the engine add each chunk's per-bin gradient sums into accumulators in the parameter
-    dtype (see BinSums), and keep the rest in float64."""
-    p0 = next(iter(params.values()), None)
-    dev = p0.device if p0 is not None else probe["t"].device
-    dtypes = {p.dtype for p in params.values()}
-    out = BinSums.zeros(e, layout, dev, name, next(iter(dtypes)) if len(dtypes) == 1 else torch.float64)
-    K = e.numel() - 1
-    bins = bin_index(probe["t"], e)
+def _chunks(probe: PathSample, e: Tensor, chunk_size: int, device) -> Iterator[Chunk]:
+    """The probe sorted by bin (sums are order-free; chunks then hold few runs of equal bins), without the
+    samples outside the edges, cut into :class:`~flowmatch.persample.Chunk` s of ``chunk_size`` samples."""
+    K, step = e.numel() - 1, max(1, int(chunk_size))
+    bins = bin_index(probe.t, e)
     order = torch.argsort(bins, stable=True)[: int((bins < K).sum())]
-    probe = {k: v[order.to(v.device)] for k, v in probe.items()}
-    bins = bins[order].tolist()
-    if len(dtypes) <= 1:  # one parameter dtype: accumulate in place in BinSums' own storage
-        acc = {n: b.view(K, *p.shape) for (n, b), p in zip(out.blocks().items(), params.values())}
-    else:
-        acc = {n: torch.zeros((K, *p.shape), dtype=p.dtype, device=p.device) for n, p in params.items()}
-    group_idx = [[layout.names.index(m) for m in members] for _, members in layout.groups]
-    step = max(1, chunk_size)
+    probe, bins = probe[order], bins[order].tolist()
     for i in range(0, len(bins), step):
-        chunk, cb = slice_chunk(probe, i, i + step), bins[i:i + step]
+        cb = bins[i : i + step]
         starts = [j for j in range(len(cb)) if j == 0 or cb[j] != cb[j - 1]]
-        segs = [(cb[s], s, e) for s, e in zip(starts, starts[1:] + [len(cb)])]
-        kb = torch.tensor(cb, device=dev)
-        losses, sq = engine(model, loss_fn, chunk, kb, segs, params, acc)
-        out.n.index_add_(0, kb, torch.ones(len(cb), dtype=torch.float64, device=dev))
-        out.loss_sum.index_add_(0, kb, losses.detach().double())
-        zero = torch.zeros(len(cb), dtype=torch.float64, device=dev)
-        sqs = [sq[n].double() if n in sq else zero for n in layout.names]
+        segs = tuple((cb[s], s, t) for s, t in zip(starts, starts[1:] + [len(cb)]))
+        yield Chunk(probe[i : i + len(cb)], torch.tensor(cb, device=device), segs)
+
+
+def _accumulate(engine, job: Job, out: BinSums, chunks: Iterator[Chunk]) -> BinSums:
+    """Run ``engine(job, chunk)`` on every chunk: the engine adds the per-bin gradient sums into ``job.acc``
+    (views of ``out.grad_flat``); the counts, losses and squared norms (total and per group) are added here."""
+    layout = out.layout
+    group_idx = [[layout.names.index(m) for m in members] for _, members in layout.groups]
+    for chunk in chunks:
+        res, kb = engine(job, chunk), chunk.kb
+        zero = torch.zeros(len(chunk), dtype=torch.float64, device=out.n.device)
+        out.n.index_add_(0, kb, torch.ones_like(zero))
+        out.loss_sum.index_add_(0, kb, res.losses.detach().double())
+        sqs = [res.sqnorms.get(n, zero) for n in layout.names]
         out.sqnorm_sum.index_add_(0, kb, torch.stack(sqs).sum(0) if sqs else zero)
         if group_idx:
-            out.group_sqnorm_sum.index_add_(0, kb, torch.stack([sum((sqs[m] for m in ms), zero)
-                                                                for ms in group_idx], 1))
-    if len(dtypes) > 1:
-        for (n, block) in out.blocks().items():
-            block.copy_(acc[n].reshape(K, -1))
+            out.group_sqnorm_sum.index_add_(
+                0, kb, torch.stack([sum((sqs[m] for m in ms), zero) for ms in group_idx], 1)
+            )
     return out
 
 
-def gradient_variance(model: nn.Module, loss_fn, probe: dict[str, Tensor], edges, **kw) -> GradVarStats:
-    """``bin_sums(model, loss_fn, probe, edges, **kw).to_stats()``."""
-    return bin_sums(model, loss_fn, probe, edges, **kw).to_stats()
+def gradient_variance(model: nn.Module, probe: PathSample, edges, **kw) -> GradVarStats:
+    """``bin_sums(model, probe, edges, **kw).to_stats()``."""
+    return bin_sums(model, probe, edges, **kw).to_stats()

@@ -3,28 +3,39 @@
 Companion of :mod:`flowmatch.gradvar` (same :class:`~flowmatch.gradvar.GradVarStats` output); see
 :func:`microbatch_variance` for what it estimates and when to use it instead of per-sample gradients.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from flowmatch.gradvar import GradVarStats, TrainModeGuard, bin_edges, bin_index
+from flowmatch.interpolants import PathSample
+from flowmatch.losses import per_sample_loss
+from flowmatch.persample import LossFn
 
 __all__ = ["microbatch_variance"]
 
 
-def microbatch_variance(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Tensor],
-                        sample_batch: Callable[..., dict], n_micro: int, micro_size: int,
-                        edges=None) -> GradVarStats:
+def microbatch_variance(
+    model: nn.Module,
+    sample_batch: Callable[..., PathSample],
+    n_micro: int,
+    micro_size: int,
+    edges=None,
+    *,
+    loss_fn: LossFn = per_sample_loss,
+) -> GradVarStats:
     """Micro-batch estimator of the per-sample gradient variance, for couplings whose samples are dependent
     inside a batch (minibatch OT, or anything computed jointly on a batch).
 
-    Draws M = ``n_micro`` independent micro-batches of size m = ``micro_size`` (``sample_batch(m)``, or
-    ``sample_batch(m, t_lo, t_hi)`` per bin when ``edges`` is given: the callee must then draw times in
-    [t_lo, t_hi]; a "t" entry outside is rejected), computes each micro-batch mean gradient
-    G_j = grad (1/m) sum_i l_i with one backward, and reports per bin
+    Draws M = ``n_micro`` independent micro-batches of size m = ``micro_size`` as
+    :class:`~flowmatch.interpolants.PathSample` s (``sample_batch(m)``, or ``sample_batch(m, t_lo, t_hi)`` per
+    bin when ``edges`` is given: the callee must then draw times in [t_lo, t_hi]; times outside are rejected),
+    computes each micro-batch mean gradient G_j = grad (1/m) sum_i l_i (l_i from ``loss_fn(model, batch)``,
+    default the flow-matching loss) with one backward, and reports per bin
 
         grad_var         = m * (sum_j ||G_j||^2 - M ||Gbar||^2) / (M - 1),   Gbar = (1/M) sum_j G_j
         mean_grad_sqnorm = ||Gbar||^2      (the mean gradient of all N = M m samples, as in the per-sample case)
@@ -52,8 +63,9 @@ def microbatch_variance(model: nn.Module, loss_fn: Callable[[nn.Module, dict], T
             sqsum = lsum = 0.0
             for _ in range(M):
                 batch = sample_batch(m) if e is None else sample_batch(m, lo, hi)
-                t = batch.get("t")
-                if e is not None and t is not None and bool(bin_index(t, torch.tensor([lo, hi])).any()):
+                if not isinstance(batch, PathSample):
+                    raise ValueError(f"sample_batch must return a PathSample, got {type(batch).__name__}")
+                if e is not None and bool(bin_index(batch.t, torch.tensor([lo, hi])).any()):
                     raise ValueError(f"sample_batch(m, {lo}, {hi}) returned times outside the bin")
                 losses = loss_fn(model, batch)
                 if losses.shape != (m,):
@@ -70,6 +82,9 @@ def microbatch_variance(model: nn.Module, loss_fn: Callable[[nn.Module, dict], T
             for k, v in zip(cols, (N, lsum / N, var, (N - 1) / N * var + mean_sq, mean_sq)):
                 cols[k].append(v)
     lo_hi = torch.tensor(ranges, dtype=torch.float64).reshape(-1, 2)
-    return GradVarStats(lo_hi[:, 0], lo_hi[:, 1], **{k: torch.tensor(v, dtype=torch.long if k == "n" else
-                                                                  torch.float64) for k, v in cols.items()},
-                        method="microbatch")
+    return GradVarStats(
+        lo_hi[:, 0],
+        lo_hi[:, 1],
+        **{k: torch.tensor(v, dtype=torch.long if k == "n" else torch.float64) for k, v in cols.items()},
+        method="microbatch",
+    )

@@ -17,6 +17,7 @@ CORE = [
     "flowmatch.gradvar",
     "flowmatch.gradvar_microbatch",
     "flowmatch.persample",
+    "flowmatch.persample_hooks",
     "flowmatch.distributions",
     "flowmatch.direction",
     "flowmatch.models.mlp",

@@ -1,15 +1,25 @@
 """DDPM-style UNet velocity net: shapes, gradients, attention, time dependence, presets."""
+
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from flowmatch.models.unet import AttentionBlock, UNet, _groups, count_parameters
 
-SMALL = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
-             num_heads=4)  # the `unet` preset
-CIFAR = dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
-             dropout=0.1, num_heads=4)  # the `unet_cifar` preset
+SMALL = dict(
+    base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0, num_heads=4
+)  # the `unet` preset
+CIFAR = dict(
+    base_channels=128,
+    channel_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attention_resolutions=(16,),
+    dropout=0.1,
+    num_heads=4,
+)  # the `unet_cifar` preset
 
 
 def _randomize_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
@@ -37,8 +47,17 @@ def test_small_preset_output_shape_and_zero_init(channels, size):
 def test_gradients_reach_every_parameter_and_attention_runs():
     torch.manual_seed(0)
     # Attention at the 16x16 level of a 32x32 input (down and up path) plus the middle block at 16x16.
-    model = UNet(3, 32, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
-                 dropout=0.0, num_heads=2, num_groups=8)
+    model = UNet(
+        3,
+        32,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(16,),
+        dropout=0.0,
+        num_heads=2,
+        num_groups=8,
+    )
     attn = [m for m in model.modules() if isinstance(m, AttentionBlock)]
     assert len(attn) == 1 + 1 + 2  # down (1 res block), middle, up (num_res_blocks + 1)
     calls = []
@@ -107,8 +126,17 @@ def test_group_count_is_clamped():
 
 def test_bf16_autocast_cpu():
     torch.manual_seed(0)
-    model = UNet(3, 16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-                 dropout=0.0, num_heads=2, num_groups=8)
+    model = UNet(
+        3,
+        16,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        dropout=0.0,
+        num_heads=2,
+        num_groups=8,
+    )
     _randomize_zero_init(model)
     x = torch.randn(2, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -146,3 +174,23 @@ def test_attention_block_matches_reference_and_is_global():
     x2 = x.clone()
     x2[:, :, 0, 0] += 1.0  # one position changes every output position
     assert ((block(x2) - block(x))[:, :, 3, 3].abs() > 0).all()
+
+
+@pytest.mark.parametrize("time_embed", ["sinusoidal", "fourier"])
+def test_float64_model_matches_float32(time_embed):
+    """``UNet(...).double()`` runs forward and backward in float64 (the time embedding follows the parameters'
+    dtype) and agrees with the float32 model within float32 rounding."""
+    torch.manual_seed(0)
+    model = UNet(1, 8, time_embed=time_embed, **SMALL)
+    _randomize_zero_init(model)
+    model64 = copy.deepcopy(model).double()
+    x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
+    y, y64 = model(x, t), model64(x.double(), t.double())
+    assert y64.dtype == torch.float64 and model64(x.double(), 0.5).dtype == torch.float64
+    torch.testing.assert_close(y64, y.double(), rtol=1e-5, atol=1e-5 * float(y.detach().abs().max()))
+    y.pow(2).mean().backward()
+    y64.pow(2).mean().backward()
+    g = torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
+    g64 = torch.cat([p.grad.reshape(-1) for p in model64.parameters()])
+    assert all(p.grad.dtype == torch.float64 for p in model64.parameters())
+    torch.testing.assert_close(g64, g, rtol=0, atol=1e-5 * float(g64.abs().max()))

@@ -25,10 +25,11 @@ Presets (parameter counts for 3-channel 32x32 input; the count does not depend o
     unet_cifar = UNet(3, 32, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                       attention_resolutions=(16,), dropout=0.1, num_heads=4)                ~35.7 M
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Transformer-style embedding [cos(t w_k), sin(t w_k)] of a (B,) tensor, w_k = max_period^(-k / (dim/2))."""
+    """Transformer-style embedding [cos(t w_k), sin(t w_k)] of a (B,) tensor, w_k = max_period^(-k / (dim/2)),
+    in t's floating dtype (float32 for an integer t)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    dtype = t.dtype if t.is_floating_point() else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
 
@@ -209,7 +212,11 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch, num_groups), nn.SiLU(), _zero(nn.Conv2d(ch, in_channels, 3, padding=1)))
 
     def embed_time(self, t: Tensor, batch: int, device: torch.device) -> Tensor:
-        t = torch.as_tensor(t, device=device, dtype=torch.float32).reshape(-1)
+        """(batch, 4 * base_channels) embedding of the times ``t`` (a scalar or (batch,)). The features are
+        computed in the parameters' dtype, at least float32 (float64 after ``.double()``), and fed to the time
+        MLP in the parameters' dtype (float32 under autocast, whose Linear layers then cast)."""
+        wdtype = self.time_mlp[0].weight.dtype
+        t = torch.as_tensor(t, device=device, dtype=torch.promote_types(wdtype, torch.float32)).reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch)
         if t.shape[0] != batch:
@@ -219,7 +226,7 @@ class UNet(nn.Module):
         else:
             args = 2 * math.pi * t[:, None] * self.fourier_w[None]
             e = F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, self.base_channels % 2))
-        return self.time_mlp(e)
+        return self.time_mlp(e.to(wdtype))
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
