@@ -15,6 +15,7 @@ CORE = [
     "flowmatch.metrics",
     "flowmatch.evaluation",
     "flowmatch.gradvar",
+    "flowmatch.gradvar_stats",
     "flowmatch.gradvar_microbatch",
     "flowmatch.persample",
     "flowmatch.persample_hooks",
