@@ -137,6 +137,7 @@ def test_ot_map_pushes_forward_and_is_symmetric_psd():
     assert torch.linalg.eigvalsh(a).min() > 0
     # Brenier: the symmetric PSD pushforward is the OT map; compare with POT as a second implementation.
     from ot import gaussian as ot_gauss  # POT, a dev dependency
+
     a_pot, b_pot = ot_gauss.bures_wasserstein_mapping(m0.numpy(), m1.numpy(), s0.numpy(), s1.numpy())
     assert np.allclose(a.numpy(), np.asarray(a_pot), atol=1e-8)
     assert np.allclose(b.numpy(), np.asarray(b_pot).reshape(-1), atol=1e-8)
