@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call, grad, jacrev, vmap
 
 from flowmatch.analysis import (
+    GaussianProblem,
     SingularFieldError,
     expected_grad_variance,
     expected_loss,
@@ -30,6 +31,7 @@ from flowmatch.losses import per_sample_loss
 from flowmatch.models.gaussian_affine import GaussianAffine
 
 F64 = torch.float64
+GP = GaussianProblem.of  # (mean, cov, coupling, interpolant, sigma, angle)
 INTERPS = [("linear", 0.0), ("cfm", 0.3), ("bridge", 0.3)]
 COUPLINGS = ["independent", "ot", "rotated"]
 
@@ -212,9 +214,9 @@ def test_rot180_identity_cov_is_singular_at_half():
     with pytest.raises(torch.linalg.LinAlgError):
         model(torch.zeros(3, 2, dtype=F64), torch.full((3,), 0.5, dtype=F64))
     with pytest.raises(SingularFieldError):
-        expected_loss("rot", 0.5, "linear", "rotated", [0.0, 0.0], torch.eye(2), angle=180.0)
+        expected_loss("rot", 0.5, GP([0.0, 0.0], torch.eye(2), "rotated", "linear", angle=180.0))
     rows = field_gradvar_table(
-        "rot", 180.0, "rotated", "linear", 0.0, [5.0, 5.0], torch.eye(2), edges=[0.0, 0.4, 0.6, 1.0], n_t_per_bin=1
+        "rot", GP([5.0, 5.0], torch.eye(2), "rotated", "linear", angle=180.0), edges=[0.0, 0.4, 0.6, 1.0], n_t_per_bin=1
     )
     assert rows[1]["n_singular"] == 1 and rows[1]["n_t"] == 0 and math.isnan(rows[1]["grad_var"])
     assert rows[0]["grad_var"] < 1e-20 and rows[2]["loss"] < 1e-20  # memorizing field: zero elsewhere
@@ -258,7 +260,7 @@ def test_moments_match_exact_quadratic_expansion(d, interp_name, sigma, coupling
     interp = INTERPOLANTS[interp_name](sigma)
     for kind, t in [("perturbed", 0.37), ("rot", 0.81), ("ot", 0.12), ("shifted", 0.6)]:
         model = make_model(d, kind, mu, M, 90.0, seed=d)
-        mo = expected_moments(model, t, interp_name, coupling, mu, M, sigma=sigma, angle=90.0)
+        mo = expected_moments(model, t, GP(mu, M, coupling, interp_name, sigma, 90.0))
         e_loss, e_g, var = exact_by_taylor(model, interp, coupling, mu, M, 90.0, t)
         assert mo["loss"].item() == pytest.approx(e_loss, rel=1e-9, abs=1e-12)
         assert mo["grad_var"].item() == pytest.approx(var, rel=1e-9, abs=1e-12)
@@ -272,9 +274,9 @@ def test_mean_gradient_is_gradient_of_expected_loss():
     theta = model.theta.detach().clone().requires_grad_(True)
     Theta = model.Theta.detach().clone().requires_grad_(True)
     for interp, sigma in INTERPS:
-        el = expected_loss((theta, Theta), 0.6, interp, "rotated", mu, M, sigma=sigma, angle=90.0)
+        el = expected_loss((theta, Theta), 0.6, GP(mu, M, "rotated", interp, sigma, 90.0))
         g_theta, g_Theta = torch.autograd.grad(el, (theta, Theta))
-        mo = expected_moments(model, 0.6, interp, "rotated", mu, M, sigma=sigma, angle=90.0)
+        mo = expected_moments(model, 0.6, GP(mu, M, "rotated", interp, sigma, 90.0))
         assert torch.allclose(g_theta, mo["mean_grad_theta"], atol=1e-12)
         assert torch.allclose(g_Theta, mo["mean_grad_Theta"], atol=1e-12)
         assert mo["grad_sqnorm"].item() == pytest.approx(mo["grad_var"].item() + mo["mean_grad_sqnorm"].item())
@@ -293,8 +295,8 @@ def test_monte_carlo_matches_closed_form(d, interp_name, sigma, coupling):
         x0, x1, eps = sample_pairs(coupling, mu, M, 90.0, n, gen)
         losses, g = per_sample_grads(model, interp, x0, x1, torch.full((n,), t, dtype=F64), eps)
         l_mc, l_se, v_mc, v_se = mc_estimates(losses, g)
-        l_cf = expected_loss(model, t, interp_name, coupling, mu, M, sigma=sigma, angle=90.0).item()
-        v_cf = expected_grad_variance(model, t, interp_name, coupling, mu, M, sigma=sigma, angle=90.0).item()
+        l_cf = expected_loss(model, t, GP(mu, M, coupling, interp_name, sigma, 90.0)).item()
+        v_cf = expected_grad_variance(model, t, GP(mu, M, coupling, interp_name, sigma, 90.0)).item()
         exact_zero = sigma == 0.0 and (kind, coupling) in {("ot", "ot"), ("rot", "rotated")}
         if not exact_zero:  # a real comparison: the estimates are well away from zero
             assert l_mc > 10 * l_se and v_mc > 10 * v_se
@@ -328,16 +330,16 @@ def test_prop1_pair_optimal_field_has_zero_loss_and_variance(d):
             for field, coupling, angle in [("ot", "ot", 180.0), ("rot", "rotated", 90.0), ("rot", "rotated", 180.0)]:
                 if any(abs(t - s) < 1e-6 for s in singular_times(field_params(field, mu, M, angle)[1])):
                     continue
-                mo = expected_moments(field, t, interp, coupling, mu, M, sigma=0.0, angle=angle)
+                mo = expected_moments(field, t, GP(mu, M, coupling, interp, 0.0, angle))
                 assert mo["loss"].item() <= 1e-10 and mo["grad_var"].item() <= 1e-10
                 assert mo["grad_sqnorm"].item() <= 1e-10
             # mismatched pairings: clearly positive gradient variance
-            assert expected_grad_variance("ot", t, interp, "rotated", mu, M, angle=90.0).item() > 1e-2
-            assert expected_grad_variance("rot", t, interp, "ot", mu, M, angle=90.0).item() > 1e-2
-            assert expected_grad_variance("ot", t, interp, "independent", mu, M).item() > 1e-2
+            assert expected_grad_variance("ot", t, GP(mu, M, "rotated", interp, angle=90.0)).item() > 1e-2
+            assert expected_grad_variance("rot", t, GP(mu, M, "ot", interp, angle=90.0)).item() > 1e-2
+            assert expected_grad_variance("ot", t, GP(mu, M, "independent", interp)).item() > 1e-2
         # interpolant noise breaks the zero: the pair-optimal field then has positive variance
         if interp != "linear":
-            assert expected_grad_variance("rot", 0.4, interp, "rotated", mu, M, sigma=0.05, angle=90.0).item() > 1e-6
+            assert expected_grad_variance("rot", 0.4, GP(mu, M, "rotated", interp, 0.05, 90.0)).item() > 1e-6
 
 
 # ----------------------------------------------------------------------------- per-bin table
@@ -345,10 +347,10 @@ def test_prop1_pair_optimal_field_has_zero_loss_and_variance(d):
 
 def test_table_single_point_equals_midpoint_moments():
     mu, M = problem(2)
-    rows = field_gradvar_table("ot", 90.0, "rotated", "cfm", 0.3, mu, M, edges=4, n_t_per_bin=1)
+    rows = field_gradvar_table("ot", GP(mu, M, "rotated", "cfm", 0.3, 90.0), edges=4, n_t_per_bin=1)
     assert [(r["t_lo"], r["t_hi"]) for r in rows] == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
     for r in rows:
-        mo = expected_moments("ot", (r["t_lo"] + r["t_hi"]) / 2, "cfm", "rotated", mu, M, sigma=0.3, angle=90.0)
+        mo = expected_moments("ot", (r["t_lo"] + r["t_hi"]) / 2, GP(mu, M, "rotated", "cfm", 0.3, 90.0))
         assert r["loss"] == pytest.approx(mo["loss"].item(), rel=1e-12)
         assert r["grad_var"] == pytest.approx(mo["grad_var"].item(), rel=1e-9)
         assert r["grad_var_fixed_t"] == pytest.approx(mo["grad_var"].item(), rel=1e-12)
@@ -359,7 +361,7 @@ def test_table_bin_variance_matches_monte_carlo_with_uniform_t():
     """grad_var of a bin is the variance over samples with t ~ U(bin), as the callback measures it."""
     mu, M = problem(2)
     lo, hi = 0.5, 1.0
-    rows = field_gradvar_table("ot", 90.0, "independent", "bridge", 0.3, mu, M, edges=[0.0, lo, hi], n_t_per_bin=64)
+    rows = field_gradvar_table("ot", GP(mu, M, "independent", "bridge", 0.3, 90.0), edges=[0.0, lo, hi], n_t_per_bin=64)
     r = rows[1]
     assert r["grad_var"] > r["grad_var_fixed_t"] > 0
     assert r["grad_sqnorm"] == pytest.approx(r["grad_var"] + r["mean_grad_sqnorm"])
@@ -385,4 +387,4 @@ def test_model_constructor_and_validation():
     with pytest.raises(ValueError):
         GaussianAffine(2, "nope")
     with pytest.raises(ValueError):
-        expected_loss("ot", 0.5, "linear", "shuffled", [0.0, 0.0], torch.eye(2))
+        expected_loss("ot", 0.5, GP([0.0, 0.0], torch.eye(2), "shuffled"))

@@ -9,6 +9,7 @@ gradient-variance moments of the affine model. ``field_table``: Monte Carlo next
 
 from flowmatch.analysis.lemma1 import AffineField, lemma1_field
 from flowmatch.analysis.oracle import (
+    GaussianProblem,
     SingularFieldError,
     expected_grad_variance,
     expected_loss,
@@ -20,6 +21,7 @@ from flowmatch.analysis.oracle import (
 __all__ = [
     "AffineField",
     "lemma1_field",
+    "GaussianProblem",
     "SingularFieldError",
     "expected_grad_variance",
     "expected_loss",

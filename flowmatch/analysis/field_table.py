@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from flowmatch import gradvar as gv
-from flowmatch.analysis.oracle import CLOSED_FORM_COUPLINGS, field_gradvar_table
-from flowmatch.gaussian import coupling_map, mean_cov
+from flowmatch.analysis.oracle import CLOSED_FORM_COUPLINGS, GaussianProblem, field_gradvar_table
+from flowmatch.gaussian import coupling_map
 from flowmatch.interpolants import Interpolant, Linear, PathSample
 from flowmatch.models.gaussian_affine import GaussianAffine
 
@@ -28,19 +28,19 @@ FIELDS = ("ot", "rot")
 STATS = ("loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm")
 
 
-def _draw_probe(coupling: str, interpolant, mean, cov, angle, edges, n_per_bin, seed) -> PathSample:
-    m, c = mean_cov(mean, cov)
-    d = m.shape[0]
+def _draw_probe(problem: GaussianProblem, edges, n_per_bin: int, seed: int) -> PathSample:
+    """A float64 probe of ``problem`` with ``n_per_bin`` times uniform in each bin, drawn by ``seed``."""
+    m, c, d = problem.mean, problem.cov, problem.dim
     g = torch.Generator().manual_seed(int(seed))
     t = gv.stratified_times(n_per_bin, edges, g).double()
     x0 = torch.randn(len(t), d, generator=g, dtype=torch.float64)
-    if coupling == "independent":
+    if problem.coupling == "independent":
         x1 = m + torch.randn(len(t), d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c).T
     else:
-        b_mat, b = coupling_map(coupling, m, c, angle)
+        b_mat, b = coupling_map(problem.coupling, m, c, problem.angle)
         x1 = x0 @ b_mat.T + b
     eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    return interpolant(x0, x1, t, eps)
+    return problem.interpolant(x0, x1, t, eps)
 
 
 def field_gradvar_rows(
@@ -67,20 +67,26 @@ def field_gradvar_rows(
     name = coupling if isinstance(coupling, str) else getattr(coupling, "name", None)
     if name not in CLOSED_FORM_COUPLINGS:
         raise ValueError(f"coupling must be one of {list(CLOSED_FORM_COUPLINGS)} for task=gradvar_field, got {name!r}")
-    coupling_angle = float(getattr(coupling, "angle", angle))
-    interp = Linear() if interpolant is None else interpolant
-    m, c = mean_cov(mean if hasattr(mean, "__len__") else [float(mean)] * int(dim), cov, int(dim))
+    problem = GaussianProblem.of(
+        mean,
+        cov,
+        name,
+        Linear() if interpolant is None else interpolant,
+        angle=getattr(coupling, "angle", angle),
+        dim=int(dim),
+    )
+    m, c = problem.mean, problem.cov
     edges = gv.bin_edges(bins)
     model = GaussianAffine(int(dim)).double().set_field(field, m, c, angle)
     rows = []
     for seed in seeds:
-        probe = _draw_probe(name, interp, m, c, coupling_angle, edges, int(n_per_bin), seed)
+        probe = _draw_probe(problem, edges, int(n_per_bin), seed)
         stats = gv.gradient_variance(model, probe, edges, method="vmap")
         for k, r in enumerate(stats.rows(0)):
             r.pop("step")
             rows.append({"seed": seed, "bin": k, **r})
     params = (model.theta.detach(), model.Theta.detach())
-    exact = field_gradvar_table(params, coupling_angle, name, interp, interp.sigma, m, c, edges.tolist(), n_t_exact)
+    exact = field_gradvar_table(params, problem, edges.tolist(), n_t_exact)
     for k, r in enumerate(exact):
         rows.append(
             {

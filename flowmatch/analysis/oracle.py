@@ -33,16 +33,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import torch
 from torch import Tensor
 
 from flowmatch.gaussian import coupling_map, field_params, mean_cov, sqrtm_psd
 from flowmatch.gradvar import bin_edges
-from flowmatch.interpolants import INTERPOLANTS, Interpolant
+from flowmatch.interpolants import INTERPOLANTS, Interpolant, Linear
 
 __all__ = [
     "CLOSED_FORM_COUPLINGS",
+    "GaussianProblem",
+    "Residual",
     "residual_coefficients",
     "expected_moments",
     "expected_loss",
@@ -51,21 +55,77 @@ __all__ = [
     "SingularFieldError",
 ]
 
-CLOSED_FORM_COUPLINGS = (
-    "independent",
-    "ot",
-    "rotated",
-)  # the couplings (flowmatch.couplings.COUPLINGS) with moments here
+# the couplings of flowmatch.couplings.COUPLINGS that have closed-form moments here
+CLOSED_FORM_COUPLINGS = ("independent", "ot", "rotated")
 
 
 class SingularFieldError(ValueError):
     """I + t Theta is singular at the requested t: the affine field is undefined there."""
 
 
-def _params(model, mean, cov, angle, dim) -> tuple[Tensor, Tensor]:
-    """(theta, Theta) in float64 from a GaussianAffine-like module, a (theta, Theta) pair or a field name."""
+@dataclass(frozen=True)
+class GaussianProblem:
+    """The setting of the closed form: source N(0, I_d), target N(``mean``, ``cov``) (float64), pairs from
+    ``coupling`` (independent | ot | rotated by ``angle`` degrees) and x_t, u_t from ``interpolant`` (an
+    object of the ``interpolant`` config group). Build it from config-like values with :meth:`of`."""
+
+    mean: Tensor
+    cov: Tensor
+    coupling: str = "independent"
+    interpolant: Interpolant = dc_field(default_factory=Linear)
+    angle: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.coupling not in CLOSED_FORM_COUPLINGS:
+            raise ValueError(
+                f"coupling must be one of {list(CLOSED_FORM_COUPLINGS)} for the closed form, got {self.coupling!r}"
+            )
+
+    @classmethod
+    def of(
+        cls,
+        mean=None,
+        cov=None,
+        coupling: str = "independent",
+        interpolant: Interpolant | str = "linear",
+        sigma: float = 0.0,
+        angle: float = 180.0,
+        dim: int | None = None,
+    ) -> GaussianProblem:
+        """From a scalar / vector ``mean``, a scalar / variances / matrix ``cov`` (see
+        :func:`flowmatch.gaussian.mean_cov`) and an interpolant object or name (with ``sigma``)."""
+        if isinstance(interpolant, str):
+            if interpolant not in INTERPOLANTS:
+                raise ValueError(f"interpolant must be one of {sorted(INTERPOLANTS)}, got {interpolant!r}")
+            interpolant = INTERPOLANTS[interpolant](sigma)
+        m, c = mean_cov(mean, cov, dim)
+        return cls(m, c, coupling, interpolant, float(angle))
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+
+@dataclass(frozen=True)
+class Residual:
+    """The affine pieces at time ``t``: r = A xi + c with xi ~ N(0, I_{3d}) (xi = (x0, z1, eps) blocks),
+    W = (I + t Theta)^{-1}, x_t = P xi + p, and the field's (theta, Theta)."""
+
+    A: Tensor
+    c: Tensor
+    W: Tensor
+    P: Tensor
+    p: Tensor
+    theta: Tensor
+    Theta: Tensor
+    t: float
+
+
+def _params(model, problem: GaussianProblem) -> tuple[Tensor, Tensor]:
+    """(theta, Theta) in float64 from a GaussianAffine-like module, a (theta, Theta) pair or a field name
+    (the Lemma-1 field of the problem's target, rotated fields by its angle)."""
     if isinstance(model, str):
-        return field_params(model, mean, cov, angle, dim)
+        return field_params(model, problem.mean, problem.cov, problem.angle)
     if hasattr(model, "theta") and hasattr(model, "Theta"):
         theta, Theta = model.theta, model.Theta
     else:
@@ -73,36 +133,12 @@ def _params(model, mean, cov, angle, dim) -> tuple[Tensor, Tensor]:
     return torch.as_tensor(theta).to(torch.float64), torch.as_tensor(Theta).to(torch.float64)
 
 
-def _interpolant(interpolant, sigma: float) -> Interpolant:
-    if isinstance(interpolant, Interpolant):
-        return interpolant
-    if interpolant not in INTERPOLANTS:
-        raise ValueError(f"interpolant must be one of {sorted(INTERPOLANTS)}, got {interpolant!r}")
-    return INTERPOLANTS[interpolant](sigma)
-
-
-def residual_coefficients(
-    model,
-    t: float,
-    interpolant="linear",
-    coupling="independent",
-    mean=None,
-    cov=None,
-    sigma: float = 0.0,
-    angle: float = 180.0,
-    dim: int | None = None,
-) -> dict:
-    """The affine pieces at time ``t``: r = A xi + c with xi ~ N(0, I_{3d}) (xi = (x0, z1, eps) blocks).
-
-    Returns a dict with ``A`` (d, 3d), ``c`` (d,), ``W`` = (I + t Theta)^{-1}, ``P``, ``p`` (x_t = P xi + p),
-    ``theta``, ``Theta``. Raises ``SingularFieldError`` when I + t Theta is singular.
-    """
-    if coupling not in CLOSED_FORM_COUPLINGS:
-        raise ValueError(f"coupling must be one of {list(CLOSED_FORM_COUPLINGS)} for the closed form, got {coupling!r}")
-    theta, Theta = _params(model, mean, cov, angle, dim)
+def residual_coefficients(model, t: float, problem: GaussianProblem) -> Residual:
+    """The :class:`Residual` of ``model`` (a ``GaussianAffine``, a (theta, Theta) pair or a field name) at time
+    ``t`` of ``problem``. Raises ``SingularFieldError`` when I + t Theta is singular."""
+    theta, Theta = _params(model, problem)
     d = theta.shape[0]
-    mu, m_cov = mean_cov(mean, cov, d)
-    interp = _interpolant(interpolant, sigma)
+    mu, m_cov, interp = problem.mean, problem.cov, problem.interpolant
     t = float(t)
     tt = torch.tensor([t], dtype=torch.float64)
     gam, dgam = float(interp.gamma(tt)[0]), float(interp.dgamma(tt)[0])
@@ -110,10 +146,10 @@ def residual_coefficients(
     eye, zero = torch.eye(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
     x0 = torch.cat([eye, zero, zero], 1)
     eps = torch.cat([zero, zero, eye], 1)
-    if coupling == "independent":
+    if problem.coupling == "independent":
         x1, b = torch.cat([zero, sqrtm_psd(m_cov), zero], 1), mu
     else:
-        bmat, b = coupling_map(coupling, mu, m_cov, angle)
+        bmat, b = coupling_map(problem.coupling, mu, m_cov, problem.angle)
         x1 = torch.cat([bmat, zero, zero], 1)
     P = (1 - t) * x0 + t * x1 + gam * eps
     p = t * b
@@ -128,37 +164,24 @@ def residual_coefficients(
     K = Theta @ W
     A = K @ P - Q
     c = K @ p + W @ theta - q
-    return {"A": A, "c": c, "W": W, "P": P, "p": p, "theta": theta, "Theta": Theta, "t": t}
+    return Residual(A, c, W, P, p, theta, Theta, t)
 
 
-def expected_moments(
-    model,
-    t: float,
-    interpolant="linear",
-    coupling="independent",
-    mean=None,
-    cov=None,
-    sigma: float = 0.0,
-    angle: float = 180.0,
-    dim: int | None = None,
-) -> dict:
+def expected_moments(model, t: float, problem: GaussianProblem) -> dict:
     """Exact moments at fixed ``t`` of the per-sample loss l and its gradient g = dl/d(theta, Theta).
 
     ``model``: a ``GaussianAffine`` (or anything with ``.theta``/``.Theta``), a pair ``(theta, Theta)``,
-    or a field name ``"ot"`` / ``"rot"`` (the Lemma-1 field for ``mean``, ``cov``, ``angle``).
-    ``interpolant``: ``"linear"`` | ``"cfm"`` | ``"bridge"`` (with ``sigma``) or an ``Interpolant``.
-    ``coupling``: ``"independent"`` | ``"ot"`` | ``"rotated"`` (``angle`` in degrees, see
-    ``rotation_matrix``). ``mean``, ``cov``: the target N(mean, cov) (the source is N(0, I)).
+    or a field name ``"ot"`` / ``"rot"`` (the Lemma-1 field of the problem's target and angle).
 
     Returns 0-dim float64 tensors ``loss`` = E[l], ``grad_var`` = tr Cov[g], ``grad_sqnorm`` = E||g||^2,
     ``mean_grad_sqnorm`` = ||E g||^2, and the mean gradient ``mean_grad_theta`` (d,), ``mean_grad_Theta``
     (d, d). Raises ``SingularFieldError`` where I + t Theta is singular.
     """
-    co = residual_coefficients(model, t, interpolant, coupling, mean, cov, sigma, angle, dim)
-    A, c, W, P, p, theta = co["A"], co["c"], co["W"], co["P"], co["p"], co["theta"]
+    co = residual_coefficients(model, t, problem)
+    A, c, W, P, p, theta = co.A, co.c, co.W, co.P, co.p, co.theta
     d = theta.shape[0]
     F = W @ P
-    h = W @ (p - co["t"] * theta)
+    h = W @ (p - co.t * theta)
     wta = W.T @ A
     beta = W.T @ c
     G = wta @ F.T
@@ -178,54 +201,25 @@ def expected_moments(
     }
 
 
-def expected_loss(
-    model,
-    t: float,
-    interpolant="linear",
-    coupling="independent",
-    mean=None,
-    cov=None,
-    sigma: float = 0.0,
-    angle: float = 180.0,
-    dim: int | None = None,
-) -> Tensor:
-    """E[l] at fixed t (0-dim float64 tensor); arguments as in ``expected_moments``."""
-    co = residual_coefficients(model, t, interpolant, coupling, mean, cov, sigma, angle, dim)
-    return ((co["A"] ** 2).sum() + (co["c"] ** 2).sum()) / co["c"].shape[0]
+def expected_loss(model, t: float, problem: GaussianProblem) -> Tensor:
+    """E[l] = (||A||_F^2 + ||c||^2) / d at fixed t (0-dim float64 tensor); arguments as in ``expected_moments``."""
+    co = residual_coefficients(model, t, problem)
+    return ((co.A**2).sum() + (co.c**2).sum()) / co.c.shape[0]
 
 
-def expected_grad_variance(
-    model,
-    t: float,
-    interpolant="linear",
-    coupling="independent",
-    mean=None,
-    cov=None,
-    sigma: float = 0.0,
-    angle: float = 180.0,
-    dim: int | None = None,
-) -> Tensor:
+def expected_grad_variance(model, t: float, problem: GaussianProblem) -> Tensor:
     """tr Cov[d l / d(theta, Theta)] at fixed t (0-dim float64 tensor); arguments as in ``expected_moments``."""
-    return expected_moments(model, t, interpolant, coupling, mean, cov, sigma, angle, dim)["grad_var"]
+    return expected_moments(model, t, problem)["grad_var"]
 
 
 def field_gradvar_table(
-    field,
-    angle: float = 180.0,
-    coupling: str = "independent",
-    interpolant="linear",
-    sigma: float = 0.0,
-    mean=None,
-    cov=None,
-    edges: int | Sequence[float] = 10,
-    n_t_per_bin: int = 16,
-    dim: int | None = None,
+    field, problem: GaussianProblem, edges: int | Sequence[float] = 10, n_t_per_bin: int = 16
 ) -> list[dict]:
     """Per-time-bin exact moments of the per-sample loss and gradient for a fixed affine field.
 
-    ``field``: ``"ot"`` | ``"rot"`` (the Lemma-1 field for ``mean``, ``cov``, ``angle``), a
-    ``GaussianAffine`` or a ``(theta, Theta)`` pair. ``angle`` (degrees) is used by both the ``rot``
-    field and the ``rotated`` coupling. ``edges``: a number of equal bins on [0, 1] or the bin edges.
+    ``field``: ``"ot"`` | ``"rot"`` (the Lemma-1 field of the problem's target; ``rot`` by the problem's
+    angle), a ``GaussianAffine`` or a ``(theta, Theta)`` pair. ``edges``: a number of equal bins on [0, 1]
+    or the bin edges.
 
     Inside a bin [t_lo, t_hi) t is taken uniform, approximated by the midpoint rule on ``n_t_per_bin``
     equally spaced points t_j = t_lo + (j + 1/2)(t_hi - t_lo)/n (never the bin edges). One dict per bin:
@@ -247,7 +241,7 @@ def field_gradvar_table(
         raise ValueError(f"n_t_per_bin must be >= 1, got {n}")
     e = bin_edges(edges).tolist()
     if isinstance(field, str):
-        field = field_params(field, mean, cov, angle, dim)
+        field = _params(field, problem)
     rows = []
     with torch.no_grad():
         for lo, hi in zip(e, e[1:]):
@@ -257,7 +251,7 @@ def field_gradvar_table(
             for j in range(n):
                 t = lo + (j + 0.5) * (hi - lo) / n
                 try:
-                    mo = expected_moments(field, t, interpolant, coupling, mean, cov, sigma, angle, dim)
+                    mo = expected_moments(field, t, problem)
                 except SingularFieldError:
                     singular += 1
                     continue
