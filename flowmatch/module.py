@@ -110,11 +110,7 @@ class FlowMatchingModule(L.LightningModule):
         x0, x1 = batch
         g = generator(0, "loss", device=x0.device)  # the same times and noise at every validation
         t = torch.rand(x0.shape[0], generator=g, device=x0.device, dtype=x0.dtype)
-        eps = (
-            torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
-            if self.interpolant.stochastic
-            else torch.zeros_like(x0)
-        )
+        eps = self.interpolant.sample_eps(x0, g)
         path = self.interpolant(x0, x1, t, eps)
         self.log(metric(f"{prefix}/loss"), per_sample_loss(self.velocity_model(), path).mean(), sync_dist=True)
 

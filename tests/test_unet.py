@@ -20,6 +20,8 @@ CIFAR = dict(
     dropout=0.1,
     num_heads=4,
 )  # the `unet_cifar` preset
+# A small two-level UNet with attention (the resolution is given per test).
+ATTENTION = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0, num_heads=2, num_groups=8)
 
 
 def _randomize_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
@@ -47,17 +49,7 @@ def test_small_preset_output_shape_and_zero_init(channels, size):
 def test_gradients_reach_every_parameter_and_attention_runs():
     torch.manual_seed(0)
     # Attention at the 16x16 level of a 32x32 input (down and up path) plus the middle block at 16x16.
-    model = UNet(
-        3,
-        32,
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(16,),
-        dropout=0.0,
-        num_heads=2,
-        num_groups=8,
-    )
+    model = UNet(3, 32, attention_resolutions=(16,), **ATTENTION)
     attn = [m for m in model.modules() if isinstance(m, AttentionBlock)]
     assert len(attn) == 1 + 1 + 2  # down (1 res block), middle, up (num_res_blocks + 1)
     calls = []
@@ -126,17 +118,7 @@ def test_group_count_is_clamped():
 
 def test_bf16_autocast_cpu():
     torch.manual_seed(0)
-    model = UNet(
-        3,
-        16,
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        dropout=0.0,
-        num_heads=2,
-        num_groups=8,
-    )
+    model = UNet(3, 16, attention_resolutions=(8,), **ATTENTION)
     _randomize_zero_init(model)
     x = torch.randn(2, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -94,7 +94,7 @@ class GradientVarianceCallback(L.Callback):
         g = generator(self.seed, "probe", rank)
         x0, x1 = self._pairs(coupling, self.n_per_bin * self.K, g)
         t = gv.stratified_times(self.n_per_bin, self.edges, g).float()
-        eps = torch.randn(x0.shape, generator=g) if interpolant.stochastic else torch.zeros_like(x0)
+        eps = interpolant.sample_eps(x0, g)
         return interpolant(x0, x1, t, eps)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
