@@ -6,7 +6,8 @@ STAMP   := $(VENV)/.installed
 OUT     ?= outputs/demo
 export WANDB_MODE ?= offline
 
-.PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check clean
+.PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check clean \
+        figures figures-fast lemma1 prop1 fig4 fig5 fig6 prop2 table1
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -48,6 +49,78 @@ benchmark: install  ## Lightning-vs-bare-loop and gradient-variance cost ratios
 
 gpu-check: install  ## GPU: train unet_cifar on synthetic CIFAR-shaped tensors, print steps/s (scripts/gpu_check.sh)
 	PY=$(BIN)/python scripts/gpu_check.sh
+
+# --- the paper (REPRODUCTION.md): `make <item>` sweeps into $(RUNS)/<item>, figures + CSV into $(FIGS)/<item> ---
+# FAST=1: the same sweep at smoke size (make figures-fast, tests/test_paper.py). Extra overrides: ARGS="k=v ...".
+RUNS    ?= outputs/paper
+FIGS    ?= figures
+FAST    ?=
+ARGS    ?=
+pick     = $(if $(FAST),$(2),$(1))
+SWEEP   := --multirun hydra/launcher=joblib_cpu threads=1 hydra.sweep.subdir=\$${hydra.job.num}
+TRAIN_SWEEP = $(BIN)/python train.py $(SWEEP) trainer.enable_progress_bar=false hydra.sweep.dir=$(RUNS)/$@
+EVAL_SWEEP  = $(BIN)/python evaluate.py $(SWEEP) hydra.sweep.dir=$(RUNS)/$@
+PLOT        = $(BIN)/python -m flowmatch.plots.$@ $(RUNS)/$@ $(FIGS)/$@
+PAPER1  := lemma1 prop1 fig4 fig5 fig6 prop2 table1
+
+LEMMA1_SWEEP := lemma1.dim=2,10,50
+LEMMA1_FAST  := lemma1.dim=2
+PROP1_SWEEP  := field=ot,rot field.angle=0,30,60,90,120 'coupling.angle=$${field.angle}'
+PROP1_FAST   := field=ot,rot field.angle=0,90 'coupling.angle=$${field.angle}' gradvar_field.n_per_bin=16
+FIG4_SWEEP   := interpolant=cfm,bridge interpolant.sigma=0.05,0.1,0.5 field=ot,rot coupling=rotated,independent
+FIG4_FAST    := interpolant=cfm interpolant.sigma=0.05 field=ot,rot coupling=rotated gradvar_field.seeds=[0,1,2] gradvar_field.n_per_bin=16
+FIG5_SWEEP   := coupling=independent,rotated gradvar_field.dim=2,5,10,20,50
+FIG5_FAST    := coupling=independent,rotated gradvar_field.dim=2,5 gradvar_field.n_per_bin=16
+FIG6_SWEEP   := interpolant.sigma=0.0,0.01,0.05,0.1 coupling.n_pairs=50,1000 seed=0,1,2
+FIG6_FAST    := interpolant.sigma=0.0,0.05 coupling.n_pairs=50 seed=0 debug=fast
+PROP2_SWEEP  := data.dim=2,3,50 interpolant.sigma=0.0,0.05
+PROP2_FAST   := data.dim=2 interpolant.sigma=0.0,0.05 debug=fast
+PROP2_IND_SWEEP := data.dim=2,3,50
+PROP2_IND_FAST  := data.dim=2 debug=fast
+TABLE1_SWEEP := data.dim=3,50 interpolant.sigma=0.0,0.05 seed=0,1,2
+TABLE1_FAST  := data.dim=3 interpolant.sigma=0.0,0.05 seed=0,1 debug=fast
+
+figures: $(PAPER1)  ## every paper figure and table (part 1: the Gaussian and low-dimensional claims)
+
+figures-fast: install  ## every paper target at smoke size, into outputs/figures-fast/
+	$(MAKE) --no-print-directory $(PAPER1) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
+
+lemma1: install  ## Lemma 1: dopri5 through the closed-form OT / rotated fields; MLP fit error vs width
+	rm -rf $(RUNS)/$@
+	$(EVAL_SWEEP) experiment=paper/lemma1 $(call pick,$(LEMMA1_SWEEP),$(LEMMA1_FAST)) $(ARGS)
+	$(PLOT)
+
+prop1: install  ## Prop. 1: zero loss/variance of pair-optimal fields at sigma=0; the OT field under rotations
+	rm -rf $(RUNS)/$@
+	$(EVAL_SWEEP) experiment=paper/prop1 $(call pick,$(PROP1_SWEEP),$(PROP1_FAST)) $(ARGS)
+	$(PLOT)
+
+fig4: install  ## Fig. 4: gradient variance at v_OT vs the rotated field with noise; one-sided tests
+	rm -rf $(RUNS)/$@
+	$(EVAL_SWEEP) experiment=paper/fig4 $(call pick,$(FIG4_SWEEP),$(FIG4_FAST)) $(ARGS)
+	$(PLOT)
+
+fig5: install  ## Fig. 5: variance at v_OT, independent vs 120-degree coupling, against dimension
+	rm -rf $(RUNS)/$@
+	$(EVAL_SWEEP) experiment=paper/fig5 $(call pick,$(FIG5_SWEEP),$(FIG5_FAST)) $(ARGS)
+	$(PLOT)
+
+fig6: install  ## Fig. 6: the 180-degree rotation: pair accuracy vs Euler steps, sigma, N, training length
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/fig6 $(call pick,$(FIG6_SWEEP),$(FIG6_FAST)) $(ARGS)
+	$(PLOT)
+
+prop2: install  ## Prop. 2: fixed random pairs to a Gaussian mixture: memorized at sigma=0, not with noise
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/prop2 $(call pick,$(PROP2_SWEEP),$(PROP2_FAST)) $(ARGS)
+	$(TRAIN_SWEEP) experiment=paper/prop2 coupling=independent hydra.sweep.dir=$(RUNS)/$@/independent \
+	  $(call pick,$(PROP2_IND_SWEEP),$(PROP2_IND_FAST)) $(ARGS)
+	$(PLOT)
+
+table1: install  ## Table 1: memorization / generalization MMD, Gaussian mixture d=3, 50, sigma 0 vs 0.05
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/table1 $(call pick,$(TABLE1_SWEEP),$(TABLE1_FAST)) $(ARGS)
+	$(PLOT)
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf outputs multirun

@@ -58,13 +58,21 @@ MANDATORY = {("coupling", "reflow"): _mandatory_reflow}
 
 
 # --- discovery ------------------------------------------------------------------------------------------
+# Groups whose subfolders hold more options of the group (``experiment=paper/fig4``), not groups of their own.
+NESTED_OPTIONS = ("experiment",)
+
+
 def _groups() -> dict[str, list[str]]:
-    """{group: sorted options}: every folder under conf/ that holds .yaml files directly."""
+    """{group: sorted options}: every folder under conf/ that holds .yaml files directly (the files of a
+    subfolder of a NESTED_OPTIONS group are options ``sub/name`` of that group)."""
     out = {}
     for d in sorted(p for p in CONF.rglob("*") if p.is_dir()):
-        options = sorted(f.stem for f in d.glob("*.yaml") if f.is_file())
+        rel = d.relative_to(CONF).as_posix()
+        group = next((g for g in NESTED_OPTIONS if rel.startswith(g + "/")), rel)
+        prefix = rel[len(group) + 1 :] + "/" if group != rel else ""
+        options = [prefix + f.stem for f in d.glob("*.yaml") if f.is_file()]
         if options:
-            out[d.relative_to(CONF).as_posix()] = options
+            out[group] = sorted(out.get(group, []) + options)
     return out
 
 
@@ -95,6 +103,14 @@ def _primary_for(group: str) -> tuple[str, bool]:
 def _is_global(group: str, option: str) -> bool:
     head = (CONF / group / f"{option}.yaml").read_text().splitlines()[:5]
     return any(line.replace(" ", "") == "#@package_global_" for line in head)
+
+
+def _entry(group: str, option: str) -> str | None:
+    """The primary config an overlay is written for, from a header line ``# entry: evaluate.py`` (else None)."""
+    for line in (CONF / group / f"{option}.yaml").read_text().splitlines()[:5]:
+        if line.startswith("# entry:"):
+            return Path(line.split(":", 1)[1].strip()).stem
+    return None
 
 
 CASES = [pytest.param(group, option, id=f"{group}={option}") for group, opts in GROUPS.items() for option in opts]
@@ -361,9 +377,23 @@ CHECKS = {
 
 
 # --- tests ----------------------------------------------------------------------------------------------
+def check_analysis(cfg, tmp_path):
+    """An evaluate.py overlay (``# entry: evaluate.py``): a known task; task=gradvar_field runs tiny."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate", CONF.parent / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    assert cfg.task in evaluate.TASKS, cfg.task
+    if cfg.task == "gradvar_field":
+        check_field(cfg, tmp_path)
+
+
 @pytest.mark.parametrize("group,option", CASES)
 def test_option(group, option, tmp_path):
     primary, in_defaults = _primary_for(group)
+    if _entry(group, option):
+        primary, in_defaults = _entry(group, option), True
     overrides = _overrides(group, option, tmp_path, in_defaults)
     if group.startswith("hydra/"):
         with composed(primary, overrides, tmp_path) as (_, hydra_node):
@@ -380,7 +410,9 @@ def test_option(group, option, tmp_path):
         check_model_with_some_data(primary, option, tmp_path)
         return
     with composed(primary, overrides, tmp_path) as (cfg, _):
-        if _is_global(group, option):
+        if _is_global(group, option) and primary == "evaluate":
+            check_analysis(cfg, tmp_path)
+        elif _is_global(group, option):
             instantiate_run(cfg, tmp_path)
         elif group in CHECKS:
             CHECKS[group](cfg, tmp_path)

@@ -1,8 +1,11 @@
-"""Reading run directories for figures."""
+"""Reading run directories and writing figure folders (shared by every figure script)."""
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -14,10 +17,24 @@ def find_runs(root: str | Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("metrics.json") if (p.parent / ".hydra" / "config.yaml").exists())
 
 
+def find_jobs(root: str | Path) -> list[Path]:
+    """Job dirs of a Hydra run or multirun under ``root``: every dir holding ``.hydra/config.yaml``, sorted by
+    job number when the dir name is one, else by path. Exits with one ``error:`` line when there is none."""
+    root = Path(root)
+    jobs = [p.parent.parent for p in root.rglob(".hydra/config.yaml")]
+    if not jobs:
+        sys.exit(f"error: no run directories (with .hydra/config.yaml) under {str(root)!r}: run the sweep first")
+    return sorted(jobs, key=lambda p: (int(p.name) if p.name.isdigit() else 1 << 30, str(p)))
+
+
+def load_config(run: Path) -> dict:
+    """The resolved job config of a run dir (``.hydra/config.yaml``) as plain dicts."""
+    return yaml.safe_load((Path(run) / ".hydra" / "config.yaml").read_text())
+
+
 def load_run(run: Path) -> tuple[dict, dict]:
     """(config, metrics) of a run dir."""
-    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-    return cfg, json.loads((run / "metrics.json").read_text())
+    return load_config(run), json.loads((Path(run) / "metrics.json").read_text())
 
 
 def euler_series(metrics: dict, name: str) -> tuple[list[int], list[float]]:
@@ -25,3 +42,41 @@ def euler_series(metrics: dict, name: str) -> tuple[list[int], list[float]]:
     prefix = f"eval/{name}@euler"
     items = sorted((int(k[len(prefix) :]), v) for k, v in metrics.items() if k.startswith(prefix))
     return [k for k, _ in items], [v for _, v in items]
+
+
+def _number(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """Rows of a CSV file as dicts, numbers parsed (int, then float, else the string)."""
+    with Path(path).open(newline="") as fh:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def write_csv(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write ``rows`` (dicts; columns: the union of their keys in first-seen order) to ``path``; mkdir parents."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """``data`` as indented, key-sorted JSON at ``path``; mkdir parents."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
