@@ -64,19 +64,22 @@ PLOT        = $(BIN)/python -m flowmatch.plots.$@ $(RUNS)/$@ $(FIGS)/$@
 PAPER1  := lemma1 prop1 fig4 fig5 fig6 prop2 table1
 
 LEMMA1_SWEEP := lemma1.dim=2,10,50
-LEMMA1_FAST  := lemma1.dim=2
+LEMMA1_FAST  := lemma1.dim=2 lemma1.widths=[8,32] lemma1.fit_steps=100 lemma1.n_samples=100 lemma1.n_test=200
 PROP1_SWEEP  := field=ot,rot field.angle=0,30,60,90,120 'coupling.angle=$${field.angle}'
 PROP1_FAST   := field=ot,rot field.angle=0,90 'coupling.angle=$${field.angle}' gradvar_field.n_per_bin=16
-FIG4_SWEEP   := interpolant=cfm,bridge interpolant.sigma=0.05,0.1,0.5 field=ot,rot coupling=rotated,independent
-FIG4_FAST    := interpolant=cfm interpolant.sigma=0.05 field=ot,rot coupling=rotated gradvar_field.seeds=[0,1,2] gradvar_field.n_per_bin=16
-FIG5_SWEEP   := coupling=independent,rotated gradvar_field.dim=2,5,10,20,50
-FIG5_FAST    := coupling=independent,rotated gradvar_field.dim=2,5 gradvar_field.n_per_bin=16
+FIG4_SWEEP   := interpolant=cfm,bridge interpolant.sigma=0.05,0.1,0.5 field=ot,rot
+FIG4_FAST    := interpolant=cfm interpolant.sigma=0.05 field=ot,rot gradvar_field.seeds=[0,1,2] gradvar_field.n_per_bin=16
+FIG5_SWEEP   := gradvar_field.dim=2,5,10,20,50
+FIG5_FAST    := gradvar_field.dim=2,5 gradvar_field.n_per_bin=16
+# fig4, fig5: the sweep once under the overlay's rotated coupling, once under the independent one (no angle)
+ROTATED      = coupling=rotated hydra.sweep.dir=$(RUNS)/$@/rotated
+INDEPENDENT  = coupling=independent '~coupling.angle' hydra.sweep.dir=$(RUNS)/$@/independent
 FIG6_SWEEP   := interpolant.sigma=0.0,0.01,0.05,0.1 coupling.n_pairs=50,1000 seed=0,1,2
-FIG6_FAST    := interpolant.sigma=0.0,0.05 coupling.n_pairs=50 seed=0 debug=fast
+FIG6_FAST    := interpolant.sigma=0.0,0.05 coupling.n_pairs=50 seed=0 debug=fast 'callbacks.eval_steps.steps=[10]'
 PROP2_SWEEP  := data.dim=2,3,50 interpolant.sigma=0.0,0.05
 PROP2_FAST   := data.dim=2 interpolant.sigma=0.0,0.05 debug=fast
-PROP2_IND_SWEEP := data.dim=2,3,50
-PROP2_IND_FAST  := data.dim=2 debug=fast
+PROP2_FRESH_SWEEP := data.dim=2,3,50
+PROP2_FRESH_FAST  := data.dim=2 debug=fast
 TABLE1_SWEEP := data.dim=3,50 interpolant.sigma=0.0,0.05 seed=0,1,2
 TABLE1_FAST  := data.dim=3 interpolant.sigma=0.0,0.05 seed=0,1 debug=fast
 
@@ -97,12 +100,14 @@ prop1: install  ## Prop. 1: zero loss/variance of pair-optimal fields at sigma=0
 
 fig4: install  ## Fig. 4: gradient variance at v_OT vs the rotated field with noise; one-sided tests
 	rm -rf $(RUNS)/$@
-	$(EVAL_SWEEP) experiment=paper/fig4 $(call pick,$(FIG4_SWEEP),$(FIG4_FAST)) $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/$@ $(call pick,$(FIG4_SWEEP),$(FIG4_FAST)) $(ROTATED) $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/$@ $(call pick,$(FIG4_SWEEP),$(FIG4_FAST)) $(INDEPENDENT) $(ARGS)
 	$(PLOT)
 
 fig5: install  ## Fig. 5: variance at v_OT, independent vs 120-degree coupling, against dimension
 	rm -rf $(RUNS)/$@
-	$(EVAL_SWEEP) experiment=paper/fig5 $(call pick,$(FIG5_SWEEP),$(FIG5_FAST)) $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/$@ $(call pick,$(FIG5_SWEEP),$(FIG5_FAST)) $(ROTATED) $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/$@ $(call pick,$(FIG5_SWEEP),$(FIG5_FAST)) $(INDEPENDENT) $(ARGS)
 	$(PLOT)
 
 fig6: install  ## Fig. 6: the 180-degree rotation: pair accuracy vs Euler steps, sigma, N, training length
@@ -113,8 +118,8 @@ fig6: install  ## Fig. 6: the 180-degree rotation: pair accuracy vs Euler steps,
 prop2: install  ## Prop. 2: fixed random pairs to a Gaussian mixture: memorized at sigma=0, not with noise
 	rm -rf $(RUNS)/$@
 	$(TRAIN_SWEEP) experiment=paper/prop2 $(call pick,$(PROP2_SWEEP),$(PROP2_FAST)) $(ARGS)
-	$(TRAIN_SWEEP) experiment=paper/prop2 coupling=independent hydra.sweep.dir=$(RUNS)/$@/independent \
-	  $(call pick,$(PROP2_IND_SWEEP),$(PROP2_IND_FAST)) $(ARGS)
+	$(TRAIN_SWEEP) experiment=paper/prop2 coupling.fresh_sources=true hydra.sweep.dir=$(RUNS)/$@/fresh_sources \
+	  $(call pick,$(PROP2_FRESH_SWEEP),$(PROP2_FRESH_FAST)) $(ARGS)
 	$(PLOT)
 
 table1: install  ## Table 1: memorization / generalization MMD, Gaussian mixture d=3, 50, sigma 0 vs 0.05

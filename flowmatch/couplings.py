@@ -7,7 +7,11 @@ and then serves batches with ``sample(n, generator) -> (x0, x1)``.
 - ``ot``: exact minibatch OT — a fresh independent batch re-paired by the assignment that
   minimises sum_i ||x0_i - x1_pi(i)||^2 (Hungarian algorithm; a permutation, no duplicates).
 - ``fixed``: a finite set of N pairs drawn once (x0 and x1 independent), never resampled; steps
-  draw indices into it. This is the paper's "deterministic training" on a fixed pairing.
+  draw indices into it. This is the paper's "deterministic training" on a fixed pairing. With
+  ``fresh_sources=True`` the N targets stay fixed but every drawn target gets a fresh x0 ~ p0 at every
+  step (an independent coupling of p0 with the finite target set); ``pairs`` still holds the stored
+  pairing, so evaluation scores it against the same (x0_i, x1_i) as the fixed coupling (a chance-level
+  control: pair accuracy ~ 1/N).
 - ``rotated``: Gaussian ends only: x1 = m1 + S1^{1/2} R S0^{-1/2} (x0 - m0), R a rotation by
   ``angle`` degrees in the planes (0,1), (2,3), ... (``flowmatch.gaussian.rotation_matrix``); with
   x0 ~ N(0, I), x1 ~ N(mu, M) this is x1 = mu + M^{1/2} R x0. 180 degrees,
@@ -123,20 +127,35 @@ class OTCoupling(Coupling):
 
 
 class FixedCoupling(Coupling):
-    """``n_pairs`` independent pairs drawn once from the ``pairs`` stream of ``seed``; steps resample them."""
+    """``n_pairs`` independent pairs drawn once from the ``pairs`` stream of ``seed``; steps resample them.
+
+    ``fresh_sources``: steps draw targets from the fixed set as usual but pair each with a fresh source
+    x0 ~ p0 instead of its stored partner; the stored pairs (``pairs``) are kept for evaluation.
+    """
 
     name = "fixed"
     finite = True
 
-    def __init__(self, n_pairs: int = 50, seed: int = 0) -> None:
+    def __init__(self, n_pairs: int = 50, seed: int = 0, fresh_sources: bool = False) -> None:
         super().__init__()
-        self.n_pairs, self.seed = _check_n_pairs(n_pairs), int(seed)
+        self.n_pairs, self.seed, self.fresh_sources = _check_n_pairs(n_pairs), int(seed), bool(fresh_sources)
 
     def setup(self, p0, p1, generator=None):
         super().setup(p0, p1)
         if self.pairs is None:
             g = stream_generator(self.seed, "pairs")
             self.pairs = (p0.sample(self.n_pairs, g), p1.sample(self.n_pairs, g))
+
+    def sample(self, n, generator=None):
+        """``n`` pairs drawn with replacement from the fixed set; with ``fresh_sources`` the drawn targets are
+        paired with ``n`` fresh draws of p0 (the same ``generator``) instead of their stored sources."""
+        x0, x1 = super().sample(n, generator)
+        if self.fresh_sources:
+            x0 = self.p0.sample(n, generator).to(device=x0.device, dtype=x0.dtype)
+        return x0, x1
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + (", fresh_sources=True)" if self.fresh_sources else ")")
 
 
 class RotatedCoupling(Coupling):

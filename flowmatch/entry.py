@@ -127,23 +127,16 @@ def build(cfg: DictConfig):
 
 
 def run_evaluation(module, datamodule, solver, options, device, run_dir: Path, ckpt_path: str) -> dict:
-    """The one evaluation of train.py (end of training) and evaluate.py: ``evaluate_flow`` on the sampling
-    weights, ``eval/...`` and ``protocol/...`` keys (plus which checkpoint and whether EMA weights were used);
-    saves the kept trajectories of the training sources in ``eval_trajectories.pt``."""
-    from flowmatch.evaluation import evaluate_flow
-    from flowmatch.keys import metric
+    """The one evaluation of train.py (end of training) and evaluate.py: ``evaluate_module`` (``evaluate_flow``
+    on the sampling weights), ``eval/...`` and ``protocol/...`` keys (plus which checkpoint and whether EMA
+    weights were used); saves the kept trajectories of the training sources in ``eval_trajectories.pt``."""
+    from flowmatch.evaluation import evaluate_module
 
-    module.eval()
-    result = evaluate_flow(module.velocity, datamodule.eval_setup(), solver, options, device=device)
+    result = evaluate_module(module, datamodule.eval_setup(), solver, options, device, ckpt_path=str(ckpt_path))
     if result.trajectories:
         x0, x1 = datamodule.coupling.pairs
         torch.save({"x0": x0, "x1": x1, **result.trajectories}, Path(run_dir) / "eval_trajectories.pt")
-    return {
-        **result.metrics,
-        **result.protocol,
-        metric("protocol/ckpt_path"): str(ckpt_path),
-        metric("protocol/ema"): str(module.sampling_model is not None).lower(),
-    }
+    return {**result.metrics, **result.protocol}
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

@@ -11,6 +11,8 @@ the ends, the training pairs, the OT map, the target moments, reference images) 
 3. :func:`image_metrics` - image data as the target: memorization rate, and FID/KID when asked.
 
 Keys are those of :mod:`flowmatch.keys`; ``protocol/...`` keys say how the numbers were made.
+:func:`evaluate_module` runs it on a training module's sampling weights (end of training, ``evaluate.py``, the
+``eval_steps`` callback).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "EvalResult",
     "FIDWarning",
     "evaluate_flow",
+    "evaluate_module",
     "ot_partners",
     "training_pair_metrics",
     "fresh_sample_metrics",
@@ -268,3 +271,27 @@ def evaluate_flow(
         out.update(img)
         protocol.update(proto)
     return EvalResult(out, trajs, protocol)
+
+
+def evaluate_module(
+    module: nn.Module,
+    setup: EvalSetup,
+    solver: Solver,
+    options: EvalOptions | None = None,
+    device: torch.device | str = "cpu",
+    ckpt_path: str | None = None,
+) -> EvalResult:
+    """:func:`evaluate_flow` of a training module's sampling field ``module.velocity`` (the EMA copy when
+    ``module.sampling_model`` is set), with ``module`` in eval mode and its previous mode restored afterwards.
+    The protocol gains ``protocol/ema`` and, when ``ckpt_path`` is given, ``protocol/ckpt_path``. The one
+    evaluation of the end of training, ``evaluate.py`` and the evaluation at given training steps."""
+    was_training = module.training
+    module.eval()
+    try:
+        result = evaluate_flow(module.velocity, setup, solver, options, device=device)
+    finally:
+        module.train(was_training)
+    result.protocol[metric("protocol/ema")] = str(getattr(module, "sampling_model", None) is not None).lower()
+    if ckpt_path is not None:
+        result.protocol[metric("protocol/ckpt_path")] = str(ckpt_path)
+    return result

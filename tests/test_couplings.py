@@ -114,3 +114,27 @@ def test_direction_swaps_ends():
     assert apply_direction(noise, data, "backward") == (data, noise)
     with pytest.raises(ValueError, match="forward"):
         apply_direction(noise, data, "sideways")
+
+
+def test_fixed_coupling_fresh_sources_keeps_targets_and_stored_pairs():
+    """fresh_sources: every batch's targets come from the fixed set, its sources are fresh draws (not the stored
+    ones, different at every step), and the stored pairs (for evaluation) are those of the plain fixed coupling."""
+    plain = FixedCoupling(n_pairs=16, seed=3)
+    plain.setup(*ends())
+    c = FixedCoupling(n_pairs=16, seed=3, fresh_sources=True)
+    c.setup(*ends())
+    torch.testing.assert_close(c.pairs[0], plain.pairs[0])
+    torch.testing.assert_close(c.pairs[1], plain.pairs[1])
+    x0s, x1s = c.pairs
+    g = torch.Generator().manual_seed(0)
+    previous = None
+    for _ in range(4):
+        x0, x1 = c.sample(64, g)
+        assert x0.shape == x1.shape == (64, 2)
+        assert torch.allclose((x1[:, None] - x1s[None]).norm(dim=-1).min(1).values, torch.zeros(64), atol=1e-6)
+        assert (x0[:, None] - x0s[None]).norm(dim=-1).min() > 1e-4  # no stored source is reused
+        if previous is not None:
+            assert not torch.allclose(x0, previous)
+        previous = x0
+    torch.testing.assert_close(c.pairs[0], x0s)  # sampling never touches the stored pairing
+    assert "fresh_sources=True" in repr(c)
