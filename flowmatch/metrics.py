@@ -20,16 +20,21 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).double()
 
 
-def pair_accuracy(x1_hat: Tensor, targets: Tensor, chunk: int = 1024) -> float:
-    """Fraction of i with argmin_j ||x1_hat_i - targets_j|| == i (targets_i is i's partner).
+def pair_accuracy(x1_hat: Tensor, targets: Tensor, chunk: int = 1024, partners: Tensor | None = None) -> float:
+    """Fraction of i with argmin_j ||x1_hat_i - targets_j|| == p_i, where p_i = ``partners[i]`` is the index of
+    i's partner among ``targets`` (default p_i = i: targets_i is i's partner). ``targets`` may hold more points
+    than ``x1_hat`` (a subset of the training sources scored against every training target).
 
     Ties are resolved to the lowest index (as ``argmin`` does).
     """
     a, b = _flat(x1_hat), _flat(targets)
+    p = torch.arange(len(a)) if partners is None else partners.reshape(-1).long().cpu()
+    if len(p) != len(a):
+        raise ValueError(f"pair_accuracy: {len(p)} partner indices for {len(a)} endpoints")
     hits = 0
     for s in range(0, len(a), chunk):
         nearest = torch.cdist(a[s : s + chunk], b).argmin(dim=1)
-        hits += int((nearest == torch.arange(s, s + len(nearest), device=a.device)).sum())
+        hits += int((nearest.cpu() == p[s : s + len(nearest)]).sum())
     return hits / len(a)
 
 

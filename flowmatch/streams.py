@@ -3,7 +3,9 @@
 A stream is identified by a name and derived from a base seed (and the process rank where ranks must
 draw disjoint samples), so that, e.g., the gradient-variance probe never replays the first training batch
 and a sample grid never redraws the training sources. The offsets are fixed constants: changing one
-changes every seeded result of the framework.
+changes every seeded result of the framework. Streams that share a base seed and an offset (``pairs``,
+``data``, ``eval``, ...) are the same generator: a new consumer whose draws must differ from another's (the
+held-out pairs from the training pairs) gets an offset of its own.
 
 =========  ==========================  ===========================================================
 name       seed                        used by
@@ -18,6 +20,8 @@ pairs      seed                        a finite coupling's pair set (``coupling.
 loss       seed                        times and noise of the held-out (val/test) loss
 data       seed                        choices that build a data set: subsets, splits, mixture centres
 reflow     seed                        the sources of ``evaluate.py task=reflow_pairs``
+holdout    seed + 3000017              a coupling's held-out pairs (``coupling.n_holdout``)
+memprobe   seed + 4000037              the memorization probe: training subset, times and noise
 =========  ==========================  ===========================================================
 """
 
@@ -39,6 +43,8 @@ STREAMS: dict[str, tuple[int, int]] = {
     "loss": (0, 0),
     "data": (0, 0),
     "reflow": (0, 0),
+    "holdout": (3_000_017, 0),
+    "memprobe": (4_000_037, 0),
 }
 
 

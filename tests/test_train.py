@@ -60,6 +60,9 @@ def test_resume_continues_steps_and_keeps_pairs(fixed_run, tmp_path):
     a = torch.load(ck, weights_only=False)["GaussianDataModule"]["coupling"]
     b = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["GaussianDataModule"]["coupling"]
     torch.testing.assert_close(a["x0"], b["x0"])  # seed=7 would draw other pairs: they came from the checkpoint
+    assert len(a["holdout_x0"]) == 256  # coupling.n_holdout: held-out pairs are saved with the pairs ...
+    torch.testing.assert_close(a["holdout_x0"], b["holdout_x0"])  # ... and survive the resume like them
+    torch.testing.assert_close(a["holdout_x1"], b["holdout_x1"])
 
 
 def test_resume_last_in_same_dir(tmp_path):
