@@ -65,6 +65,9 @@ def main(cfg: DictConfig) -> dict:
     for key in (metric("train/loss"), metric("val/loss")):
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])
+    for cb in callbacks:  # e.g. the memorization callback: mem/alarm_step, mem/time_share
+        if hasattr(cb, "final_metrics"):
+            metrics.update(cb.final_metrics())
     if eval_options.enabled:
         metrics.update(
             run_evaluation(module, datamodule, solver, eval_options, module.device, run_dir, ckpt_dir / "last.ckpt")

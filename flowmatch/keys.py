@@ -4,12 +4,22 @@ Code never spells a key itself: it calls :func:`metric` (or :func:`gradvar_key`)
 not registered here, and ``docs/DESIGN.md`` lists exactly these keys (``tests/test_design_doc.py`` checks it).
 Keys are namespaced with ``/``: ``train/`` and ``val/`` from training, ``eval/`` from the evaluation of the
 learned flow (end of training and ``evaluate.py``), ``protocol/`` describing how the ``eval/`` numbers were
-made, ``gradvar/`` from the gradient-variance callback.
+made, ``gradvar/`` from the gradient-variance callback, ``mem/`` from the memorization callback.
 """
 
 from __future__ import annotations
 
-__all__ = ["METRICS", "EULER_SUFFIX", "GRADVAR", "metric", "gradvar_key", "all_keys"]
+__all__ = [
+    "METRICS",
+    "EULER_SUFFIX",
+    "EULER_ONLY",
+    "GRADVAR",
+    "MEM_BIN",
+    "metric",
+    "gradvar_key",
+    "mem_key",
+    "all_keys",
+]
 
 METRICS: dict[str, str] = {
     "train/loss": "training loss (batch mean of the per-sample loss) at the last logged step",
@@ -39,6 +49,14 @@ METRICS: dict[str, str] = {
     "protocol/split": "images: the real split FID/KID compared against (train/test)",
     "protocol/feature_extractor": "images: the feature network of FID/KID (off, inception, a class name)",
     "protocol/n_real": "images: number of real images for FID/KID",
+    "mem/signal": "memorization alarm signal at the probe: mean over the signal bins of log10(held-out / train) "
+    "of callbacks.memorization.signal (loss or grad_var)",
+    "mem/loss_gap": "mean over the signal bins of log10(held-out loss / train loss) at the probe",
+    "mem/var_gap": "mean over the signal bins of log10(held-out grad variance / train grad variance) at the probe",
+    "mem/alarm": "1 from the probe at which the memorization alarm was raised on, else 0",
+    "mem/alarm_step": "metrics.json: the step at which the memorization alarm was raised (absent: no alarm)",
+    "mem/time_share": "metrics.json: the memorization callback's time / the training wall time",
+    "mem/probes": "metrics.json: the number of memorization probes taken",
 }
 
 EULER_SUFFIX = "@euler{K}"
@@ -47,6 +65,14 @@ EULER_SUFFIX = "@euler{K}"
 SUFFIXED = ("eval/pair_acc", "eval/l2_partner", "eval/l2_ot")
 """The keys that also come with ``@euler{K}``."""
 
+EULER_ONLY: dict[str, str] = {
+    "mem/pair_acc": "pair accuracy of the memorization probe's training sources (nearest among every training "
+    "target) with K Euler steps",
+    "mem/holdout_pair_acc": "pair accuracy of the held-out sources (nearest among the held-out targets) with K "
+    "Euler steps",
+}
+"""Keys that exist only with ``@euler{K}``."""
+
 GRADVAR: dict[str, str] = {
     "var": "unbiased trace of the covariance of per-sample loss gradients of the probe samples in time bin XX",
     "sqnorm": "mean squared norm of the per-sample gradients in time bin XX",
@@ -54,9 +80,23 @@ GRADVAR: dict[str, str] = {
 }
 GRADVAR_PATTERN = "gradvar/bin_XX/{stat}"
 
+MEM_BIN: dict[str, str] = {
+    "loss_train": "mean per-sample loss of the memorization probe's training pairs in time bin XX",
+    "loss_holdout": "mean per-sample loss of the held-out pairs in time bin XX (same times and noise)",
+    "loss_ratio": "loss_holdout / loss_train in time bin XX",
+    "var_train": "gradient variance (trace) of the probe's training pairs in time bin XX",
+    "var_holdout": "gradient variance (trace) of the held-out pairs in time bin XX",
+    "var_ratio": "var_holdout / var_train in time bin XX",
+}
+MEM_BIN_PATTERN = "mem/bin_XX/{stat}"
+
 
 def metric(name: str, euler_steps: int | None = None) -> str:
     """The registered key ``name``, with ``@euler{K}`` appended when ``euler_steps`` = K is given."""
+    if name in EULER_ONLY:
+        if euler_steps is None:
+            raise KeyError(f"metric key {name!r} exists only with @euler{{K}}: give euler_steps")
+        return f"{name}@euler{int(euler_steps)}"
     if name not in METRICS:
         raise KeyError(f"metric key {name!r} is not registered in flowmatch.keys.METRICS")
     if euler_steps is None:
@@ -73,6 +113,19 @@ def gradvar_key(k: int, stat: str) -> str:
     return f"gradvar/bin_{int(k):02d}/{stat}"
 
 
+def mem_key(k: int, stat: str) -> str:
+    """``mem/bin_{k:02d}/{stat}`` for stat in :data:`MEM_BIN`."""
+    if stat not in MEM_BIN:
+        raise KeyError(f"memorization statistic {stat!r} is not one of {list(MEM_BIN)}")
+    return f"mem/bin_{int(k):02d}/{stat}"
+
+
 def all_keys() -> list[str]:
-    """Every documented key pattern: the plain keys, ``KEY@euler{K}`` for the suffixed ones, the gradvar ones."""
-    return list(METRICS) + [k + EULER_SUFFIX for k in SUFFIXED] + [GRADVAR_PATTERN.format(stat=s) for s in GRADVAR]
+    """Every documented key pattern: the plain keys, ``KEY@euler{K}`` for the suffixed and Euler-only ones, the
+    gradvar and memorization per-bin ones."""
+    return (
+        list(METRICS)
+        + [k + EULER_SUFFIX for k in (*SUFFIXED, *EULER_ONLY)]
+        + [GRADVAR_PATTERN.format(stat=s) for s in GRADVAR]
+        + [MEM_BIN_PATTERN.format(stat=s) for s in MEM_BIN]
+    )
