@@ -7,7 +7,7 @@ OUT     ?= outputs/demo
 export WANDB_MODE ?= offline
 
 .PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check clean \
-        figures figures-fast lemma1 prop1 fig4 fig5 fig6 prop2 table1
+        figures figures-fast lemma1 prop1 fig4 fig5 fig6 prop2 table1 memorization
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -62,6 +62,7 @@ TRAIN_SWEEP = $(BIN)/python train.py $(SWEEP) trainer.enable_progress_bar=false 
 EVAL_SWEEP  = $(BIN)/python evaluate.py $(SWEEP) hydra.sweep.dir=$(RUNS)/$@
 PLOT        = $(BIN)/python -m flowmatch.plots.$@ $(RUNS)/$@ $(FIGS)/$@
 PAPER1  := lemma1 prop1 fig4 fig5 fig6 prop2 table1
+BEYOND  := memorization
 
 LEMMA1_SWEEP := lemma1.dim=2,10,50
 LEMMA1_FAST  := lemma1.dim=2 lemma1.widths=[8,32] lemma1.fit_steps=100 lemma1.n_samples=100 lemma1.n_test=200
@@ -83,10 +84,39 @@ PROP2_FRESH_FAST  := data.dim=2 debug=fast
 TABLE1_SWEEP := data.dim=3,50 interpolant.sigma=0.0,0.05 seed=0,1,2
 TABLE1_FAST  := data.dim=3 interpolant.sigma=0.0,0.05 seed=0,1 debug=fast
 
-figures: $(PAPER1)  ## every paper figure and table (part 1: the Gaussian and low-dimensional claims)
+# memorization (beyond the paper): the alarm of callbacks=memorization on seven families of runs, one seed each.
+# Calibration family (the threshold was chosen on it alone, docs/memorization-calibration.md): prop2's Gaussian
+# mixture, d = 2 and 50, sigma 0 / 0.05 and fresh sources, 4k steps. Evaluated without retuning: the 180-degree
+# rotation (N 50 / 1000 x sigma 0 / 0.05), the rotated coupling with fresh draws and the independent coupling on the
+# same data (cannot memorize), 10k steps; digits with fixed pairs (sigma 0 / 0.05) and shuffled OT, 1k steps.
+# Step counts are cut from the experiments' own (prop2 20k, rotation 20k, digits 2k) to fit ~15 minutes on 2 cores;
+# probes every 200 / 250 / 100 steps (10 to 40 probes a run; digits: Euler 1 and 7 only and 128-pair probes, the
+# UNet's probe costing ~40 training steps). Gaussian runs evaluate with Euler 101 instead of dopri5.
+MEM_CB      := callbacks=memorization
+MEM_GAUSS   := solver=euler solver.steps=101
+MEM_FAST    := debug=fast callbacks.memorization.every_n_steps=10 callbacks.memorization.probe_size=40 \
+               'callbacks.memorization.euler_steps=[1,7]'
+MEM_PROP2_SIZE  := trainer.max_steps=4000 callbacks.memorization.every_n_steps=200
+MEM_ROT_SIZE    := trainer.max_steps=10000 callbacks.memorization.every_n_steps=250
+MEM_DIGITS_SIZE := trainer.max_steps=1000 callbacks.memorization.every_n_steps=100 \
+                   callbacks.memorization.probe_size=128 'callbacks.memorization.euler_steps=[1,7]'
+MEM_PROP2_SWEEP   := data.dim=2,50 interpolant.sigma=0.0,0.05
+MEM_PROP2_FAST    := data.dim=2 interpolant.sigma=0.0
+MEM_FRESH_SWEEP   := data.dim=2,50
+MEM_FRESH_FAST    := data.dim=2
+MEM_ROT_SWEEP     := coupling.n_pairs=50,1000 interpolant.sigma=0.0,0.05
+MEM_ROT_FAST      := coupling.n_pairs=50 interpolant.sigma=0.0
+MEM_DIGITS_SWEEP  := interpolant.sigma=0.0,0.05
+MEM_DIGITS_FAST   := interpolant.sigma=0.0
+MEM_PROP2   = $(MEM_CB) $(MEM_GAUSS) $(call pick,$(MEM_PROP2_SIZE),$(MEM_FAST))
+MEM_ROT     = $(MEM_CB) $(MEM_GAUSS) $(call pick,$(MEM_ROT_SIZE),$(MEM_FAST)) eval.keep_trajectories=[]
+MEM_DIGITS  = 'callbacks=[images,memorization]' $(call pick,$(MEM_DIGITS_SIZE),$(MEM_FAST))
+MEM_DIR      = hydra.sweep.dir=$(RUNS)/$@
+
+figures: $(PAPER1) $(BEYOND)  ## every paper figure and table (part 1) and the memorization alarm
 
 figures-fast: install  ## every paper target at smoke size, into outputs/figures-fast/
-	$(MAKE) --no-print-directory $(PAPER1) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
+	$(MAKE) --no-print-directory $(PAPER1) $(BEYOND) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
 
 lemma1: install  ## Lemma 1: dopri5 through the closed-form OT / rotated fields; MLP fit error vs width
 	rm -rf $(RUNS)/$@
@@ -125,6 +155,22 @@ prop2: install  ## Prop. 2: fixed random pairs to a Gaussian mixture: memorized 
 table1: install  ## Table 1: memorization / generalization MMD, Gaussian mixture d=3, 50, sigma 0 vs 0.05
 	rm -rf $(RUNS)/$@
 	$(TRAIN_SWEEP) experiment=paper/table1 $(call pick,$(TABLE1_SWEEP),$(TABLE1_FAST)) $(ARGS)
+	$(PLOT)
+
+memorization: install  ## Beyond the paper: the memorization alarm on 7 families (calibrated on prop2 alone)
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/prop2 $(MEM_PROP2) $(call pick,$(MEM_PROP2_SWEEP),$(MEM_PROP2_FAST)) \
+	  $(MEM_DIR)/prop2 $(ARGS)
+	$(TRAIN_SWEEP) experiment=paper/prop2 $(MEM_PROP2) coupling.fresh_sources=true \
+	  $(call pick,$(MEM_FRESH_SWEEP),$(MEM_FRESH_FAST)) $(MEM_DIR)/prop2_fresh_sources $(ARGS)
+	$(TRAIN_SWEEP) experiment=rotation180 $(MEM_ROT) $(call pick,$(MEM_ROT_SWEEP),$(MEM_ROT_FAST)) \
+	  $(MEM_DIR)/rotation180 $(ARGS)
+	$(TRAIN_SWEEP) experiment=rotation180 $(MEM_ROT) coupling.n_pairs=null $(MEM_DIR)/rotated_fresh_draws $(ARGS)
+	$(TRAIN_SWEEP) experiment=rotation180 $(MEM_ROT) coupling=independent '~coupling.angle' '~coupling.n_pairs' \
+	  $(MEM_DIR)/independent $(ARGS)
+	$(TRAIN_SWEEP) experiment=digits_memorization $(MEM_DIGITS) $(call pick,$(MEM_DIGITS_SWEEP),$(MEM_DIGITS_FAST)) \
+	  $(MEM_DIR)/digits_fixed $(ARGS)
+	$(TRAIN_SWEEP) experiment=digits_memorization $(MEM_DIGITS) coupling=shuffled_ot $(MEM_DIR)/digits_shuffled_ot $(ARGS)
 	$(PLOT)
 
 clean:  ## remove outputs (keeps .venv)

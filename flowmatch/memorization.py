@@ -72,8 +72,8 @@ def _training_subset(coupling, n: int, g: torch.Generator) -> tuple[Tensor, Tens
 
 
 def build_probe(coupling, interpolant, edges, probe_size: int, generator: torch.Generator) -> MemProbe:
-    """The probe of the module docstring: n = (min(probe_size, n_holdout) // K) K pairs of each set, drawn from
-    ``generator`` (the training subset, then the times, then the noise)."""
+    """The probe of the module docstring (on the CPU): n = (min(probe_size, n_holdout) // K) K pairs of each set,
+    drawn from ``generator`` (the training subset, then the times, then the noise)."""
     e = bin_edges(edges)
     K = e.numel() - 1
     if coupling.holdout is None:
@@ -88,8 +88,8 @@ def build_probe(coupling, interpolant, edges, probe_size: int, generator: torch.
             f"{2 * K} (2 x the number of bins)"
         )
     n = n_per_bin * K
-    x0, x1, sources, targets, partners = _training_subset(coupling, n, generator)
-    h0, h1 = coupling.holdout[0][:n], coupling.holdout[1][:n]
+    x0, x1, sources, targets, partners = (x.cpu() for x in _training_subset(coupling, n, generator))
+    h0, h1 = coupling.holdout[0][:n].cpu(), coupling.holdout[1][:n].cpu()
     t = stratified_times(n_per_bin, e, generator).to(h0.dtype)
     eps = interpolant.sample_eps(h0, generator)
     train, holdout = interpolant(x0, x1, t, eps), interpolant(h0, h1, t, eps)

@@ -25,6 +25,8 @@ CORE = [
     "flowmatch.models.unet",
     "flowmatch.models.gaussian_affine",
     "flowmatch.image_metrics",
+    "flowmatch.memorization",
+    "flowmatch.diagnose",
 ]
 ANALYSIS = [
     "flowmatch.analysis",
@@ -38,6 +40,7 @@ LIGHTNING = [
     "flowmatch.callbacks.gradvar",
     "flowmatch.callbacks.ema",
     "flowmatch.callbacks.samples",
+    "flowmatch.callbacks.memorization",
 ]
 
 # Imports the modules one after another in a fresh interpreter and names the first that pulls in a

@@ -15,10 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _paper_items() -> list[str]:
-    """The items of ``PAPER1 := ...`` in the Makefile (a target added there is tested without editing this)."""
-    match = re.search(r"^PAPER1\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
-    assert match, "Makefile has no PAPER1 list"
-    return match.group(1).split()
+    """The items of ``PAPER1 := ...`` and ``BEYOND := ...`` (targets beyond the paper, e.g. memorization) in the
+    Makefile (a target added to either list is tested without editing this)."""
+    text, items = (ROOT / "Makefile").read_text(), []
+    for name in ("PAPER1", "BEYOND"):
+        match = re.search(rf"^{name}\s*:=\s*(.+)$", text, re.M)
+        assert match, f"Makefile has no {name} list"
+        items += match.group(1).split()
+    return items
 
 
 @pytest.mark.parametrize("item", _paper_items())

@@ -158,8 +158,10 @@ class MemorizationCallback(L.Callback):
 
     @staticmethod
     def _append(path: Path, row: dict) -> None:
-        """Append ``row`` (header first when the file is new), flushed to disk before returning."""
+        """Append ``row`` (header first when the file is new), flushed to disk before returning. A file with other
+        columns is refused; a last row cut short by a crash is left as it is and this one starts a new line."""
         new = not path.exists() or path.stat().st_size == 0
+        cut = False
         if not new:
             with path.open(newline="") as fh:
                 header = next(csv.reader(fh), [])
@@ -168,7 +170,12 @@ class MemorizationCallback(L.Callback):
                     f"{path} has other columns than this run's {_KEY} settings write (bins, euler_steps): "
                     "move it away or resume with the settings that wrote it"
                 )
+            with path.open("rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                cut = fh.read(1) != b"\n"
         with path.open("a", newline="") as fh:
+            if cut:
+                fh.write("\r\n")
             writer = csv.DictWriter(fh, fieldnames=list(row))
             if new:
                 writer.writeheader()

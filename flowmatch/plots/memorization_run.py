@@ -32,11 +32,11 @@ def _number(value: str):
 
 
 def read_memorization(path: str | Path) -> list[dict]:
-    """The probes of a memorization.csv, numbers parsed, sorted by step; a row cut short by a crash is dropped
-    and a step written twice (a resumed run) keeps its last row."""
+    """The probes of a memorization.csv, numbers parsed, sorted by step; a row cut short by a crash (missing or
+    empty fields) is dropped and a step written twice (a resumed run) keeps its last row."""
     with Path(path).open(newline="") as fh:
         reader = csv.DictReader(fh)
-        rows = [r for r in reader if None not in r.values() and None not in r]
+        rows = [r for r in reader if None not in r and all(v not in (None, "") for v in r.values())]
     by_step = {}
     for r in rows:
         row = {k: _number(v) for k, v in r.items()}
