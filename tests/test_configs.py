@@ -458,9 +458,13 @@ def _second_primary_param(p):
 
 
 def _defaults_groups_of_option(group: str, option: str) -> list[str]:
+    """The groups an option's defaults list overrides, following included configs (``- /experiment/x``)."""
     node = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
     out = []
     for entry in (node.get("defaults") or []) if isinstance(node, dict) else []:
+        if isinstance(entry, str) and entry.startswith("/") and entry != "/_self_":
+            included_group, _, included = entry.lstrip("/").partition("/")
+            out += _defaults_groups_of_option(included_group, included)
         if isinstance(entry, dict):
             for key in entry:
                 if key.startswith("override /"):
