@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -79,4 +80,28 @@ def write_json(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def figure_cli(doc: str, argv: list[str] | None = None) -> tuple[Path, Path]:
+    """``(RUNS_DIR, FIG_DIR)`` from the command line every figure script takes
+    (``python -m flowmatch.plots.<item> RUNS_DIR FIG_DIR``); FIG_DIR is created."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("runs_dir", help="the sweep directory the make target wrote (outputs/paper/<item>)")
+    ap.add_argument("fig_dir", help="where the PNG, the CSV files and summary.json go (figures/<item>)")
+    args = ap.parse_args(argv)
+    out = Path(args.fig_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(args.runs_dir), out
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110, rect: tuple | None = None) -> Path:
+    """Lay out ``fig`` (``rect`` leaves room for a suptitle), write it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**({"rect": rect} if rect else {}))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
     return path

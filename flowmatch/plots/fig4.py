@@ -12,7 +12,6 @@ FIG_DIR/summary.json (per setting and reading: overall variances, p-value, wheth
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -22,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flowmatch.analysis.stats import one_sided_paired_test  # noqa: E402
-from flowmatch.plots.common import write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, save_figure, write_csv, write_json  # noqa: E402
 from flowmatch.plots.field_sweep import Job, jsonable, listed, load_jobs, log_yerr, paired  # noqa: E402
 
 ALPHA = 0.01  # the paper's threshold
@@ -197,21 +196,14 @@ def plot(groups: dict, rows: list[dict], out: Path) -> Path:
         "(markers), closed form (lines); Σ = sum over bins, p: paired one-sided t-test",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: RUNS_DIR FIG_DIR."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs")
-    ap.add_argument("out")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    groups = pairs(load_jobs(args.runs))
+    runs_dir, out = figure_cli(__doc__, argv)
+    groups = pairs(load_jobs(runs_dir))
     rows = table(groups)
     print(write_csv(out / "fig4.csv", rows))
     print(write_json(out / "summary.json", jsonable(summarize(rows))))

@@ -14,7 +14,6 @@ summed-over-dimensions loss ||r||^2, divided by the d + d^2 parameters of the ga
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flowmatch.plots.common import write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, save_figure, write_csv, write_json  # noqa: E402
 from flowmatch.plots.field_sweep import Job, jsonable, listed, load_jobs, log_yerr  # noqa: E402
 
 COUPLINGS = ("independent", "rotated")
@@ -235,21 +234,14 @@ def plot(groups: dict, rows: list[dict], out: Path) -> Path:
         f"Fig. 5: gradient variance at v_OT, independent vs {angle:g}° rotated coupling, against d (MC over {n} seeds)",
         fontsize=11,
     )
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: RUNS_DIR FIG_DIR."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs")
-    ap.add_argument("out")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    groups = by_dim(load_jobs(args.runs))
+    runs_dir, out = figure_cli(__doc__, argv)
+    groups = by_dim(load_jobs(runs_dir))
     rows = table(groups)
     print(write_csv(out / "fig5.csv", rows))
     print(write_json(out / "summary.json", jsonable(summarize(rows))))

@@ -19,7 +19,6 @@ spread over seeds (:func:`flowmatch.analysis.stats.mean_spread`) and writes into
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import defaultdict
@@ -32,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from flowmatch.analysis.stats import mean_spread  # noqa: E402
-from flowmatch.plots.common import euler_series, find_jobs, load_run, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import euler_series, figure_cli, find_jobs, load_run, save_figure, write_csv, write_json  # noqa: E402
 
 METRICS = ("pair_acc", "l2_partner", "l2_ot")
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -220,9 +219,7 @@ def plot(rows: list[dict], out: Path) -> None:
         va="bottom",
     )
     fig.suptitle("Fig. 6: 180° rotation — memorized pairing only in a coarse-integration window", fontsize=13)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
 
 
 def summary(rows: list[dict]) -> dict:
@@ -264,16 +261,11 @@ def summary(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: RUNS_DIR (the sweep of ``make fig6``) -> FIG_DIR/fig6.png, fig6.csv, summary.json."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs_dir")
-    ap.add_argument("fig_dir")
-    args = ap.parse_args(argv)
-    runs = [r for r in find_jobs(args.runs_dir) if (r / "metrics.json").exists()]
+    runs_dir, out = figure_cli(__doc__, argv)
+    runs = [r for r in find_jobs(runs_dir) if (r / "metrics.json").exists()]
     if not runs:
-        raise SystemExit(f"error: no finished runs (metrics.json) under {args.runs_dir!r}")
+        raise SystemExit(f"error: no finished runs (metrics.json) under {str(runs_dir)!r}")
     rows = aggregate([rec for r in runs for rec in run_records(r)])
-    out = Path(args.fig_dir)
-    out.mkdir(parents=True, exist_ok=True)
     plot(rows, out / "fig6.png")
     write_csv(out / "fig6.csv", rows)
     write_json(out / "summary.json", {"runs": len(runs), "groups": summary(rows)})

@@ -23,7 +23,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from flowmatch.plots.common import find_jobs, read_csv, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, find_jobs, read_csv, save_figure, write_csv, write_json  # noqa: E402
 
 
 def collect(runs_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -110,19 +110,13 @@ def plot(integ: list[dict], fit: list[dict], out: Path) -> Path:
         "Lemma 1, N(0, I) → N(μ, M): MLP and gaussian_affine fitted to v_OT (left, middle); "
         "dopri5 through the closed-form fields (right)"
     )
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        sys.exit("usage: python -m flowmatch.plots.lemma1 RUNS_DIR FIG_DIR")
-    runs, figs = Path(args[0]), Path(args[1])
+    runs, figs = figure_cli(__doc__, argv)
     integ, fit = collect(runs)
-    figs.mkdir(parents=True, exist_ok=True)
     written = [
         plot(integ, fit, figs / "lemma1.png"),
         write_csv(figs / "lemma1_integration.csv", integ),

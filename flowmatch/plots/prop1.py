@@ -11,7 +11,6 @@ field of the coupling: field=rot at the coupling's angle, or field=ot at 0 degre
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flowmatch.plots.common import write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, save_figure, write_csv, write_json  # noqa: E402
 from flowmatch.plots.field_sweep import (  # noqa: E402
     FLOOR,
     Job,
@@ -189,21 +188,14 @@ def plot(jobs: list[Job], out: Path) -> Path:
         "gaussian_affine model set to the field; MC mean ± std over seeds, lines: closed form",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: RUNS_DIR FIG_DIR."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs")
-    ap.add_argument("out")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = load_jobs(args.runs)
+    runs_dir, out = figure_cli(__doc__, argv)
+    jobs = load_jobs(runs_dir)
     print(write_csv(out / "prop1.csv", table(jobs)))
     print(write_json(out / "summary.json", jsonable(summarize(jobs))))
     print(plot(jobs, out / "prop1.png"))

@@ -12,7 +12,6 @@ sigma = 0 and 0.05, and ``coupling.fresh_sources=true``, the chance-level contro
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +24,16 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from flowmatch.analysis.stats import mean_spread  # noqa: E402
-from flowmatch.plots.common import euler_series, find_jobs, load_run, read_csv, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import (  # noqa: E402
+    euler_series,
+    figure_cli,
+    find_jobs,
+    load_run,
+    read_csv,
+    save_figure,
+    write_csv,
+    write_json,
+)
 
 COARSE_EULER = 7  # the coarse Euler step count shown next to dopri5 (the nearest available one otherwise)
 FRESH = "fresh sources"
@@ -182,21 +190,15 @@ def plot(rows: list[dict], curves: dict, out: Path) -> None:
         "σ = 0.05 and fresh sources (chance control) do not)",
         fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110, rect=(0, 0, 1, 0.95))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: figure, CSVs and summary.json of a ``make prop2`` runs directory."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs_dir")
-    ap.add_argument("fig_dir")
-    args = ap.parse_args(argv)
-    rows = [r for r in (run_row(j) for j in find_jobs(args.runs_dir)) if r is not None]
+    runs_dir, out = figure_cli(__doc__, argv)
+    rows = [r for r in (run_row(j) for j in find_jobs(runs_dir)) if r is not None]
     if not rows:
-        sys.exit(f"error: no finished runs (with metrics.json) under {args.runs_dir!r}")
-    out = Path(args.fig_dir)
+        sys.exit(f"error: no finished runs (with metrics.json) under {str(runs_dir)!r}")
     curves = {r["run"]: loss_curve(Path(r["run"])) for r in rows}
     rows.sort(key=lambda r: (r["d"], _order(r["setting"]), r["seed"]))
     write_csv(out / "prop2.csv", rows)

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flowmatch.analysis.stats import mean_spread, one_sided_paired_test  # noqa: E402
-from flowmatch.plots.common import find_jobs, load_run, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, find_jobs, load_run, save_figure, write_csv, write_json  # noqa: E402
 
 # The paper's Table 1: (sigma, d) -> (memorization MMD, generalization MMD).
 PAPER = {
@@ -169,21 +168,15 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.suptitle(
         "Table 1: Gaussian mixture, fixed pairs (paper: σ = 0 lower mem. MMD², σ = 0.05 lower or equal gen. MMD²)"
     )
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: table1.csv, table1.md, table1.png and summary.json of a ``make table1`` runs directory."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs_dir")
-    ap.add_argument("fig_dir")
-    args = ap.parse_args(argv)
-    runs = collect(args.runs_dir)
+    runs_dir, out = figure_cli(__doc__, argv)
+    runs = collect(runs_dir)
     if not runs:
-        sys.exit(f"error: no finished runs (with metrics.json) under {args.runs_dir!r}")
-    out = Path(args.fig_dir)
+        sys.exit(f"error: no finished runs (with metrics.json) under {str(runs_dir)!r}")
     rows = table_rows(runs)
     write_csv(out / "table1.csv", rows)
     (out / "table1.md").write_text(markdown(rows))
