@@ -62,6 +62,7 @@ TRAIN_SWEEP = $(BIN)/python train.py $(SWEEP) trainer.enable_progress_bar=false 
 EVAL_SWEEP  = $(BIN)/python evaluate.py $(SWEEP) hydra.sweep.dir=$(RUNS)/$@
 PLOT        = $(BIN)/python -m flowmatch.plots.$@ $(RUNS)/$@ $(FIGS)/$@
 PAPER1  := lemma1 prop1 fig4 fig5 fig6 prop2 table1
+PAPER2  := table2 table3 lemma2
 
 LEMMA1_SWEEP := lemma1.dim=2,10,50
 LEMMA1_FAST  := lemma1.dim=2 lemma1.widths=[8,32] lemma1.fit_steps=100 lemma1.n_samples=100 lemma1.n_test=200
@@ -82,11 +83,25 @@ PROP2_FRESH_SWEEP := data.dim=2,3,50
 PROP2_FRESH_FAST  := data.dim=2 debug=fast
 TABLE1_SWEEP := data.dim=3,50 interpolant.sigma=0.0,0.05 seed=0,1,2
 TABLE1_FAST  := data.dim=3 interpolant.sigma=0.0,0.05 seed=0,1 debug=fast
+TABLE2_SWEEP := data.subset=300,1500 interpolant.sigma=0.0,0.05
+TABLE2_FAST  := data.subset=40,80 interpolant.sigma=0.0,0.05 debug=fast
+# table3: three stages (first flow -> its generated pairs -> the flows trained on them), each into a known dir
+TABLE3_FLOW1_SWEEP :=
+TABLE3_FLOW1_FAST  := debug=fast
+TABLE3_PAIRS_SWEEP :=
+TABLE3_PAIRS_FAST  := reflow.n_pairs=40
+TABLE3_SWEEP := interpolant.sigma=0.0,0.05
+TABLE3_FAST  := interpolant.sigma=0.0,0.05 debug=fast
+# lemma2: train on the rotated coupling, then the ReFlow pairs of every trained flow (task=reflow_pairs)
+LEMMA2_SWEEP := coupling.angle=90,180 interpolant.sigma=0.0,0.05
+LEMMA2_FAST  := coupling.angle=90,180 interpolant.sigma=0.0,0.05 debug=fast
+LEMMA2_PAIRS_SWEEP :=
+LEMMA2_PAIRS_FAST  := reflow.n_pairs=200
 
-figures: $(PAPER1)  ## every paper figure and table (part 1: the Gaussian and low-dimensional claims)
+figures: $(PAPER1) $(PAPER2)  ## every paper figure and table (part 1: Gaussian, low-dimensional; part 2: images, ReFlow)
 
 figures-fast: install  ## every paper target at smoke size, into outputs/figures-fast/
-	$(MAKE) --no-print-directory $(PAPER1) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
+	$(MAKE) --no-print-directory $(PAPER1) $(PAPER2) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
 
 lemma1: install  ## Lemma 1: dopri5 through the closed-form OT / rotated fields; MLP fit error vs width
 	rm -rf $(RUNS)/$@
@@ -125,6 +140,32 @@ prop2: install  ## Prop. 2: fixed random pairs to a Gaussian mixture: memorized 
 table1: install  ## Table 1: memorization / generalization MMD, Gaussian mixture d=3, 50, sigma 0 vs 0.05
 	rm -rf $(RUNS)/$@
 	$(TRAIN_SWEEP) experiment=paper/table1 $(call pick,$(TABLE1_SWEEP),$(TABLE1_FAST)) $(ARGS)
+	$(PLOT)
+
+.PHONY: table2 table3 lemma2
+
+table2: install  ## Table 2: shuffled-OT pairs on digits (N 300, 1500), sigma 0 vs 0.05: L2 to OT / shuffled partner
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/table2 $(call pick,$(TABLE2_SWEEP),$(TABLE2_FAST)) $(ARGS)
+	$(PLOT)
+
+table3: install  ## Table 3: simulated 1-ReFlow on digits: L2 to the generated target / OT partner, sigma 0 vs 0.05
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/table3_flow1 hydra.sweep.dir=$(RUNS)/$@/flow1 \
+	  $(call pick,$(TABLE3_FLOW1_SWEEP),$(TABLE3_FLOW1_FAST)) $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/table3_pairs hydra.sweep.dir=$(RUNS)/$@/pairs \
+	  ckpt_path=$(RUNS)/$@/flow1/0/checkpoints/last.ckpt $(call pick,$(TABLE3_PAIRS_SWEEP),$(TABLE3_PAIRS_FAST))
+	$(TRAIN_SWEEP) experiment=paper/table3 hydra.sweep.dir=$(RUNS)/$@/reflow \
+	  coupling.pairs_path=$(RUNS)/$@/pairs/0/reflow_pairs.pt $(call pick,$(TABLE3_SWEEP),$(TABLE3_FAST)) $(ARGS)
+	$(PLOT)
+
+lemma2: install  ## Lemma 2: noiseless ReFlow keeps a 90-degree rotated coupling; 180 degrees and sigma 0.05 contrast
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/lemma2 hydra.sweep.dir=$(RUNS)/$@/train \
+	  $(call pick,$(LEMMA2_SWEEP),$(LEMMA2_FAST)) $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/lemma2_pairs hydra.sweep.dir=$(RUNS)/$@/pairs \
+	  ckpt_path=$$(ls $(RUNS)/$@/train/*/checkpoints/last.ckpt | paste -sd, -) \
+	  $(call pick,$(LEMMA2_PAIRS_SWEEP),$(LEMMA2_PAIRS_FAST))
 	$(PLOT)
 
 clean:  ## remove outputs (keeps .venv)

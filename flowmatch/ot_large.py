@@ -82,6 +82,11 @@ def _flat64(x: Tensor, device) -> Tensor:
     return x.reshape(len(x), -1).to(device=device, dtype=torch.float64)
 
 
+def _sqnorms(x: Tensor, chunk: int = 4096) -> Tensor:
+    """||x_i||^2 per row in float64 (CPU), by blocks of rows (no float64 copy of the whole set)."""
+    return torch.cat([_flat64(x[s : s + chunk], "cpu").pow(2).sum(1) for s in range(0, len(x), chunk)])
+
+
 def assignment_cost(x0: Tensor, x1: Tensor, perm: Tensor, chunk: int = 4096) -> float:
     """sum_i ||x0_i - x1_perm[i]||^2 in float64."""
     total = 0.0
@@ -109,14 +114,15 @@ def exact_assignment(x0: Tensor, x1: Tensor) -> Assignment:
     return Assignment(perm, c, c, "exact", seconds=time.perf_counter() - start)
 
 
-def _benefits(x0: Tensor, x1: Tensor, device, dtype, shift: float, chunk: int) -> Tensor:
-    """a_ij - shift with a_ij = 2 <x0_i, x1_j> - ||x1_j||^2, computed in float64 by row blocks, stored in dtype."""
+def _targets64(x1: Tensor, device, shift: float) -> tuple[Tensor, Tensor]:
+    """The targets as float64 rows on ``device`` and the column term ||x1_j||^2 + shift of the benefits."""
     b = _flat64(x1, device)
-    col = b.pow(2).sum(1) + shift
-    out = torch.empty(len(x0), len(x1), device=device, dtype=dtype)
-    for s in range(0, len(x0), chunk):
-        out[s : s + chunk] = (2.0 * _flat64(x0[s : s + chunk], device) @ b.T - col).to(dtype)
-    return out
+    return b, b.pow(2).sum(1) + shift
+
+
+def _benefit_rows(x0_rows: Tensor, b: Tensor, col: Tensor) -> Tensor:
+    """a_ij - shift = 2 <x0_i, x1_j> - ||x1_j||^2 - shift for a block of rows, in float64."""
+    return 2.0 * _flat64(x0_rows, b.device) @ b.T - col
 
 
 def _top2(a: Tensor, rows: Tensor, prices: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,15 +165,13 @@ def _phase(a: Tensor, prices: Tensor, eps: float, chunk: int, max_rounds: int) -
     return assigned, rounds, bids
 
 
-def _dual_lower_bound(x0, x1, prices: Tensor, shift: float, device, chunk: int) -> float:
+def _dual_lower_bound(x0: Tensor, b: Tensor, col: Tensor, prices: Tensor, shift: float, chunk: int) -> float:
     """OPT >= sum_i ||x0_i||^2 - sum_i max_j (a_ij - shift - p_j) - sum_j p_j - n shift (float64)."""
     p = prices.to(torch.float64)
     total = 0.0
     for s in range(0, len(x0), chunk):
-        rows = _benefits(x0[s : s + chunk], x1, device, torch.float64, shift, chunk)
-        total += float((rows - p).max(dim=1).values.sum())
-        total -= float(_flat64(x0[s : s + chunk], device).pow(2).sum())
-    return -(total + float(p.sum()) + len(x0) * shift)
+        total += float((_benefit_rows(x0[s : s + chunk], b, col) - p).max(dim=1).values.sum())
+    return float(_sqnorms(x0, chunk).sum()) - total - float(p.sum()) - len(x0) * shift
 
 
 def auction_assignment(
@@ -199,10 +203,13 @@ def auction_assignment(
         perm = torch.zeros(1, dtype=torch.long)
         c = assignment_cost(x0, x1, perm)
         return Assignment(perm.to(x0.device), c, c, "auction", seconds=time.perf_counter() - start)
-    shift = float(_flat64(x1, "cpu").pow(2).sum(1).mean())  # centre the benefits (float32 resolution)
-    a = _benefits(x0, x1, device, dtype, shift, chunk)
+    shift = float(_sqnorms(x1, chunk).mean())  # centre the benefits (float32 resolution)
+    b, col = _targets64(x1, device, shift)
+    a = torch.empty(n, n, device=device, dtype=dtype)
+    for s in range(0, n, chunk):
+        a[s : s + chunk] = _benefit_rows(x0[s : s + chunk], b, col).to(dtype)
     row_best = torch.cat([a[s : s + chunk].max(dim=1).values for s in range(0, n, chunk)]).double()
-    l0 = float(_flat64(x0, "cpu").pow(2).sum()) - float(row_best.sum()) - n * shift  # sum_i min_j C_ij
+    l0 = float(_sqnorms(x0, chunk).sum()) - float(row_best.sum()) - n * shift  # sum_i min_j C_ij
     span = float(a.max() - a.min())
     ulp = torch.finfo(dtype).eps * float(a.abs().max())
     eps_final = max(rel_gap * max(l0, 0.0) / n, 16 * ulp, 1e-12)
@@ -210,18 +217,18 @@ def auction_assignment(
     prices = torch.zeros(n, dtype=dtype, device=device)
     phases = rounds = bids = 0
     while True:
-        assigned, r, b = _phase(a, prices, eps, chunk, max_rounds)
-        phases, rounds, bids = phases + 1, rounds + r, bids + b
+        assigned, r, nb = _phase(a, prices, eps, chunk, max_rounds)
+        phases, rounds, bids = phases + 1, rounds + r, bids + nb
         if progress is not None:
             elapsed = time.perf_counter() - start
-            progress(f"auction n={n}: phase {phases} eps={eps:.3g}: {r} rounds, {b} bids ({elapsed:.1f}s)")
+            progress(f"auction n={n}: phase {phases} eps={eps:.3g}: {r} rounds, {nb} bids ({elapsed:.1f}s)")
         if eps <= eps_final:
             break
         eps = max(eps / scaling, eps_final)
     del a
     perm = assigned.cpu()
     cost = assignment_cost(x0, x1, perm)
-    lb = _dual_lower_bound(x0, x1, prices, shift, device, chunk)
+    lb = _dual_lower_bound(x0, b, col, prices, shift, chunk)
     seconds = time.perf_counter() - start
     return Assignment(perm.to(x0.device), cost, lb, "auction", eps_final, phases, rounds, bids, seconds)
 
