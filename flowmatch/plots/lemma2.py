@@ -118,19 +118,22 @@ def plot(rows: list[dict], out: Path) -> None:
     hue = (np.arctan2(x0[:, 1], x0[:, 0]) + np.pi) / (2 * np.pi)
     axes[0].scatter(x0[:, 0], x0[:, 1], c=hue, cmap="hsv", s=3)
     axes[0].set_title("sources x0\n(colour: polar angle of x0)", fontsize=9)
+    shown = [np.abs(x0)]
     for ax, r in zip(axes[1:], rows):
         state = torch.load(Path(r["pairs_run"]) / "reflow_pairs.pt", map_location="cpu")
         a0, a1 = state["x0"].numpy(), state["x1"].numpy()
         cfg = load_config(Path(r["train_run"]))
-        mu = np.broadcast_to(np.asarray(cfg["data"]["mean"], dtype=float), a1.shape[1:])
+        y = a1 - np.broadcast_to(np.asarray(cfg["data"]["mean"], dtype=float), a1.shape[1:])
+        shown.append(np.abs(y[:, :2]))
         h = (np.arctan2(a0[:, 1], a0[:, 0]) + np.pi) / (2 * np.pi)
-        ax.scatter(a1[:, 0] - mu[0], a1[:, 1] - mu[1], c=h, cmap="hsv", s=3)
+        ax.scatter(y[:, 0], y[:, 1], c=h, cmap="hsv", s=3)
+        pred = r["predicted_angle_deg"]
         ax.set_title(
             f"Φ(x0) − μ: coupling {r['angle']:g}°, σ = {r['sigma']:g}\nfitted rotation {r['fitted_angle_deg']:.1f}°"
-            f" (closed form {r['predicted_angle_deg']:.1f}°)",
+            f" (closed form {'undefined' if math.isnan(pred) else f'{pred:.1f}°'})",
             fontsize=8,
         )
-    lim = max(4.0, float(np.quantile(np.abs(x0), 0.995)) * 1.1)
+    lim = max(4.0, 1.1 * float(np.quantile(np.concatenate([v.ravel() for v in shown]), 0.995)))
     for ax in axes:
         ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
         ax.grid(alpha=0.3)
