@@ -7,7 +7,7 @@ OUT     ?= outputs/demo
 export WANDB_MODE ?= offline
 
 .PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check clean \
-        figures figures-fast lemma1 prop1 fig4 fig5 fig6 prop2 table1 memorization
+        figures figures-fast lemma1 prop1 fig4 fig5 fig6 prop2 table1 memorization table2 table3 lemma2
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -62,6 +62,7 @@ TRAIN_SWEEP = $(BIN)/python train.py $(SWEEP) trainer.enable_progress_bar=false 
 EVAL_SWEEP  = $(BIN)/python evaluate.py $(SWEEP) hydra.sweep.dir=$(RUNS)/$@
 PLOT        = $(BIN)/python -m flowmatch.plots.$@ $(RUNS)/$@ $(FIGS)/$@
 PAPER1  := lemma1 prop1 fig4 fig5 fig6 prop2 table1
+PAPER2  := table2 table3 lemma2
 BEYOND  := memorization
 
 LEMMA1_SWEEP := lemma1.dim=2,10,50
@@ -83,6 +84,20 @@ PROP2_FRESH_SWEEP := data.dim=2,3,50
 PROP2_FRESH_FAST  := data.dim=2 debug=fast
 TABLE1_SWEEP := data.dim=3,50 interpolant.sigma=0.0,0.05 seed=0,1,2
 TABLE1_FAST  := data.dim=3 interpolant.sigma=0.0,0.05 seed=0,1 debug=fast
+TABLE2_SWEEP := data.subset=300,1500 interpolant.sigma=0.0,0.05
+TABLE2_FAST  := data.subset=40,80 interpolant.sigma=0.0,0.05 debug=fast
+# table3: three stages (first flow -> its generated pairs -> the flows trained on them), each into a known dir
+TABLE3_FLOW1_SWEEP :=
+TABLE3_FLOW1_FAST  := debug=fast
+TABLE3_PAIRS_SWEEP :=
+TABLE3_PAIRS_FAST  := reflow.n_pairs=40
+TABLE3_SWEEP := interpolant.sigma=0.0,0.05
+TABLE3_FAST  := interpolant.sigma=0.0,0.05 debug=fast
+# lemma2: train on the rotated coupling, then the ReFlow pairs of every trained flow (task=reflow_pairs)
+LEMMA2_SWEEP := coupling.angle=90,180 interpolant.sigma=0.0,0.05
+LEMMA2_FAST  := coupling.angle=90,180 interpolant.sigma=0.0,0.05 debug=fast
+LEMMA2_PAIRS_SWEEP :=
+LEMMA2_PAIRS_FAST  := reflow.n_pairs=200
 
 # memorization (beyond the paper): the alarm of callbacks=memorization on seven families of runs, one seed each.
 # Calibration family (the threshold was chosen on it alone, docs/memorization-calibration.md): prop2's Gaussian
@@ -113,10 +128,10 @@ MEM_ROT     = $(MEM_CB) $(MEM_GAUSS) $(call pick,$(MEM_ROT_SIZE),$(MEM_FAST)) ev
 MEM_DIGITS  = 'callbacks=[images,memorization]' $(call pick,$(MEM_DIGITS_SIZE),$(MEM_FAST))
 MEM_DIR      = hydra.sweep.dir=$(RUNS)/$@
 
-figures: $(PAPER1) $(BEYOND)  ## every paper figure and table (part 1) and the memorization alarm
+figures: $(PAPER1) $(PAPER2) $(BEYOND)  ## every paper figure and table (items 1-12) and the memorization alarm
 
 figures-fast: install  ## every paper target at smoke size, into outputs/figures-fast/
-	$(MAKE) --no-print-directory $(PAPER1) $(BEYOND) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
+	$(MAKE) --no-print-directory $(PAPER1) $(PAPER2) $(BEYOND) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
 
 lemma1: install  ## Lemma 1: dopri5 through the closed-form OT / rotated fields; MLP fit error vs width
 	rm -rf $(RUNS)/$@
@@ -171,6 +186,30 @@ memorization: install  ## Beyond the paper: the memorization alarm on 7 families
 	$(TRAIN_SWEEP) experiment=digits_memorization $(MEM_DIGITS) $(call pick,$(MEM_DIGITS_SWEEP),$(MEM_DIGITS_FAST)) \
 	  $(MEM_DIR)/digits_fixed $(ARGS)
 	$(TRAIN_SWEEP) experiment=digits_memorization $(MEM_DIGITS) coupling=shuffled_ot $(MEM_DIR)/digits_shuffled_ot $(ARGS)
+	$(PLOT)
+
+table2: install  ## Table 2: shuffled-OT pairs on digits (N 300, 1500), sigma 0 vs 0.05: L2 to OT / shuffled partner
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/table2 $(call pick,$(TABLE2_SWEEP),$(TABLE2_FAST)) $(ARGS)
+	$(PLOT)
+
+table3: install  ## Table 3: simulated 1-ReFlow on digits: L2 to the generated target / OT partner, sigma 0 vs 0.05
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/table3_flow1 hydra.sweep.dir=$(RUNS)/$@/flow1 \
+	  $(call pick,$(TABLE3_FLOW1_SWEEP),$(TABLE3_FLOW1_FAST)) $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/table3_pairs hydra.sweep.dir=$(RUNS)/$@/pairs \
+	  ckpt_path=$(RUNS)/$@/flow1/0/checkpoints/last.ckpt $(call pick,$(TABLE3_PAIRS_SWEEP),$(TABLE3_PAIRS_FAST))
+	$(TRAIN_SWEEP) experiment=paper/table3 hydra.sweep.dir=$(RUNS)/$@/reflow \
+	  coupling.pairs_path=$(RUNS)/$@/pairs/0/reflow_pairs.pt $(call pick,$(TABLE3_SWEEP),$(TABLE3_FAST)) $(ARGS)
+	$(PLOT)
+
+lemma2: install  ## Lemma 2: noiseless ReFlow keeps a 90-degree rotated coupling; 180 degrees and sigma 0.05 contrast
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/lemma2 hydra.sweep.dir=$(RUNS)/$@/train \
+	  $(call pick,$(LEMMA2_SWEEP),$(LEMMA2_FAST)) $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/lemma2_pairs hydra.sweep.dir=$(RUNS)/$@/pairs \
+	  ckpt_path=$$(ls $(RUNS)/$@/train/*/checkpoints/last.ckpt | paste -sd, -) \
+	  $(call pick,$(LEMMA2_PAIRS_SWEEP),$(LEMMA2_PAIRS_FAST))
 	$(PLOT)
 
 clean:  ## remove outputs (keeps .venv)

@@ -27,6 +27,11 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 TASKS = ("metrics", "reflow_pairs", "gradvar_field", "lemma1")
 
 
+def _datamodule_key(run_cfg: DictConfig) -> str:
+    """The checkpoint key Lightning stores the datamodule's state under: its class's qualified name."""
+    return str(run_cfg.data._target_).rsplit(".", 1)[-1]
+
+
 def load_checkpoint(cfg: DictConfig):
     """Rebuild (run config, datamodule, module, solver) from ``cfg.ckpt_path``."""
     if cfg.ckpt_path is None:
@@ -39,11 +44,10 @@ def load_checkpoint(cfg: DictConfig):
     if "model" not in run_cfg:
         fail(f"ckpt_path={str(path)!r} was not written by flowmatch's train.py (no stored config)")
     with user_errors():
-        datamodule, module, solver = build(run_cfg)
+        datamodule, module, solver = build(run_cfg, ckpt.get(_datamodule_key(run_cfg), {}))
         if cfg.get("solver") is not None:
             solver = instantiate(cfg.solver)
     module.load_state_dict(ckpt["state_dict"])
-    datamodule.load_state_dict(ckpt.get(type(datamodule).__qualname__, {}))
     if cfg.use_ema and hasattr(module, "load_ema_from_checkpoint"):
         module.load_ema_from_checkpoint(ckpt)
     return run_cfg, datamodule, module, solver

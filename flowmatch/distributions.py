@@ -144,6 +144,14 @@ class Empirical(Distribution):
             x = torch.where(flip.reshape(n, *[1] * (x.dim() - 1)), x.flip(-1), x)
         return x
 
+    def sample_distinct(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` distinct items of ``data`` (without replacement, uniformly ordered; no flips): all of them, in a
+        random order, when ``n == len(self)``."""
+        if not 1 <= int(n) <= len(self.data):
+            raise ValueError(f"cannot draw {n} distinct items from a set of {len(self.data)} (coupling.n_pairs)")
+        idx = torch.randperm(len(self.data), generator=generator)[: int(n)]
+        return self.data[idx.to(self.data.device)].float()
+
 
 def gaussian_ot_map_fn(p0: Distribution, p1: Distribution):
     """x0 -> T_OT(x0), the W2-optimal map between two :class:`Gaussian` ends (T(x) = A (x - m0) + m1, see

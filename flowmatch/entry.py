@@ -111,12 +111,16 @@ def set_threads(threads) -> None:
         torch.set_num_threads(int(threads))
 
 
-def build(cfg: DictConfig):
-    """Instantiate (datamodule, module, solver) from a composed config."""
+def build(cfg: DictConfig, datamodule_state: dict | None = None):
+    """Instantiate (datamodule, module, solver) from a composed config. ``datamodule_state`` (a checkpoint's):
+    restored before ``setup()``, so a finite coupling takes its saved pairs instead of drawing (or solving an
+    OT problem for) new ones."""
     from flowmatch.module import FlowMatchingModule
 
     coupling = instantiate(cfg.coupling)
     datamodule = instantiate(cfg.data, coupling=coupling)
+    if datamodule_state:
+        datamodule.load_state_dict(datamodule_state)
     interpolant = instantiate(cfg.interpolant)
     solver = instantiate(cfg.solver)
     model = instantiate(cfg.model)

@@ -5,7 +5,8 @@ the ends, the training pairs, the OT map, the target moments, reference images) 
 (the ``eval`` config group), and returns :class:`EvalResult`. It runs three steps a reader can follow:
 
 1. :func:`training_pair_metrics` - integrate the coupling's finite training sources with the configured solver
-   and with Euler at each of ``euler_steps``: pair accuracy, L2 to the partner and to the OT partner, MMD.
+   and with Euler at each of ``euler_steps``: pair accuracy, L2 to the partner and to the OT partner (mean, and
+   standard deviation over the sources for the configured solver), MMD.
 2. :func:`fresh_sample_metrics` - integrate fresh sources: MMD to fresh targets, W2, NFE, and L2 to the OT map
    when there are no training pairs.
 3. :func:`image_metrics` - image data as the target: memorization rate, and FID/KID when asked.
@@ -57,10 +58,12 @@ class EvalOptions:
     ``enabled``: evaluate at the end of training; ``euler_steps``: Euler step counts of the ``@euler{K}`` keys;
     ``n_fresh``: fresh sources; ``seed``: the evaluation's random stream; ``keep_trajectories``: Euler step
     counts whose trajectories from the training sources are saved (``eval_trajectories.pt``);
-    ``batch_size``: integrate fresh sources in chunks (None: one batch); ``w2_max_dim``: no ``eval/w2`` above
-    this dimension (cost ~ dim^3). Images: ``fid`` turns FID/KID on, with ``feature_extractor`` None /
-    "inception" or an ``nn.Module`` (N, C, H, W) in [-1, 1] -> (N, F); ``inception_weights`` a local weights
-    file; ``fid_split`` the real images (train | test); ``kid_subsets``, ``kid_subset_size`` for KID.
+    ``batch_size``: integrate fresh sources (and, without kept trajectories, the training sources) in chunks
+    (None: one batch); ``w2_max_dim``: no ``eval/w2`` above this dimension (cost ~ dim^3); ``mmd_max_n``:
+    ``eval/mmd_mem`` on the first this many training pairs only (None: all; its kernel matrices take n^2 memory).
+    Images: ``fid`` turns FID/KID on, with ``feature_extractor`` None / "inception" or an ``nn.Module``
+    (N, C, H, W) in [-1, 1] -> (N, F); ``inception_weights`` a local weights file; ``fid_split`` the real images
+    (train | test); ``kid_subsets``, ``kid_subset_size`` for KID.
     """
 
     enabled: bool = True
@@ -70,6 +73,7 @@ class EvalOptions:
     keep_trajectories: Sequence[int] = ()
     batch_size: int | None = None
     w2_max_dim: int = 4096
+    mmd_max_n: int | None = None
     fid: bool = False
     feature_extractor: str | nn.Module | None = None
     inception_weights: str | None = None
@@ -99,7 +103,9 @@ class EvalSetup:
     ``pairs``: the coupling's finite training pairs (X0, X1) or None; ``ot_map``: x0 -> T_OT(x0) in closed form
     or None; ``target_moments``: (mean, cov) of p1 if known; ``train_data`` / ``test_data``: the image data
     set's training / held-out split (CPU; ``test_data`` may be a function returning it, called when needed)
-    when the data is the target p1, else None. Build it with :meth:`from_ends`.
+    when the data is the target p1, else None; ``ot_targets``: the OT partners of the training sources when the
+    coupling knows them (``shuffled_ot``), else None; ``assign``: (X0, X1) -> the optimal permutation over the
+    whole pair set (the coupling's OT solver; None: exact). Build it with :meth:`from_ends`.
     """
 
     p0: Distribution
@@ -109,12 +115,19 @@ class EvalSetup:
     target_moments: tuple[Tensor, Tensor] | None = None
     train_data: Tensor | None = None
     test_data: Tensor | Callable[[], Tensor] | None = None
+    ot_targets: Tensor | None = None
+    assign: Callable[[Tensor, Tensor], Tensor] | None = None
 
     @classmethod
     def from_ends(cls, p0: Distribution, p1: Distribution, coupling, train_data=None, test_data=None) -> EvalSetup:
-        """The setup the ends and the coupling define: pairs from the coupling, the OT map and the target
-        moments from the distributions (:func:`~flowmatch.distributions.gaussian_ot_map_fn`, ``p1.moments()``)."""
-        return cls(p0, p1, coupling.pairs, gaussian_ot_map_fn(p0, p1), p1.moments(), train_data, test_data)
+        """The setup the ends and the coupling define: pairs, OT partners and OT solver from the coupling, the OT
+        map and the target moments from the distributions (:func:`~flowmatch.distributions.gaussian_ot_map_fn`,
+        ``p1.moments()``)."""
+        ot_targets = getattr(coupling, "ot_targets", None)
+        return cls(
+            p0, p1, coupling.pairs, gaussian_ot_map_fn(p0, p1), p1.moments(), train_data, test_data, ot_targets,
+            coupling.assign,
+        )  # fmt: skip
 
 
 @dataclass
@@ -131,12 +144,15 @@ class FIDWarning(UserWarning):
 
 
 def ot_partners(setup: EvalSetup, x0: Tensor) -> Tensor | None:
-    """T_OT(x0): the closed-form map when known, else the discrete OT partner among the training
-    targets (only for the training sources themselves), else None."""
+    """T_OT(x0): the closed-form map when known, else (only for the training sources themselves) the discrete OT
+    partner among the training targets: ``setup.ot_targets`` when the coupling kept them, else the optimal
+    assignment over the whole pair set (``setup.assign``, exact by default); else None."""
     if setup.ot_map is not None:
         return setup.ot_map(x0)
     if setup.pairs is not None and x0 is setup.pairs[0]:
-        return setup.pairs[1][ot_assignment(*setup.pairs)]
+        if setup.ot_targets is not None:
+            return setup.ot_targets
+        return setup.pairs[1][(setup.assign or ot_assignment)(*setup.pairs)]
     return None
 
 
@@ -147,30 +163,44 @@ def _integrate(velocity: Velocity, solver: Solver, x0: Tensor, device, batch_siz
 
 
 def _pair_scores(x1_hat: Tensor, x1: Tensor, x1_ot: Tensor | None, k: int | None) -> dict[str, float]:
-    out = {metric("eval/pair_acc", k): M.pair_accuracy(x1_hat, x1), metric("eval/l2_partner", k): M.mean_l2(x1_hat, x1)}
+    """Pair accuracy and mean L2 to the partner and OT partner (``@euler{K}`` keys for k = K); the standard
+    deviations over the sources for the configured solver (k None)."""
+    d = M.l2_distances(x1_hat, x1)
+    out = {metric("eval/pair_acc", k): M.pair_accuracy(x1_hat, x1), metric("eval/l2_partner", k): float(d.mean())}
+    if k is None and len(d) > 1:
+        out[metric("eval/l2_partner_std")] = float(d.std())
     if x1_ot is not None:
-        out[metric("eval/l2_ot", k)] = M.mean_l2(x1_hat, x1_ot)
+        d_ot = M.l2_distances(x1_hat, x1_ot)
+        out[metric("eval/l2_ot", k)] = float(d_ot.mean())
+        if k is None and len(d_ot) > 1:
+            out[metric("eval/l2_ot_std")] = float(d_ot.std())
     return out
 
 
 def training_pair_metrics(
     velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions, device
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """Step 1: pair metrics of the training sources with the configured solver (plain keys, plus
-    ``eval/mmd_mem``) and with Euler at each of ``options.euler_steps`` (``@euler{K}`` keys); the kept
-    trajectories (``solver``, ``euler{K}``)."""
+    """Step 1: pair metrics of the training sources with the configured solver (plain keys, the standard
+    deviations, ``eval/mmd_mem``) and with Euler at each of ``options.euler_steps`` (``@euler{K}`` keys); the kept
+    trajectories (``solver``, ``euler{K}``). Without kept trajectories the sources are integrated in chunks of
+    ``options.batch_size``."""
     x0, x1 = setup.pairs
     x_ot = ot_partners(setup, x0)
     keep = set(options.keep_trajectories)
-    res = solver.integrate(velocity, x0.to(device), return_traj=bool(keep))
-    out = _pair_scores(res.x1.cpu(), x1, x_ot, None)
-    out[metric("eval/mmd_mem")] = M.mmd2_rbf(res.x1.cpu(), x1)
-    trajs = {"solver": res.traj.cpu()} if keep else {}
-    for k in options.euler_steps:
-        r = Solver("euler", steps=k).integrate(velocity, x0.to(device), return_traj=k in keep)
-        out.update(_pair_scores(r.x1.cpu(), x1, x_ot, k))
-        if r.traj is not None:
-            trajs[f"euler{k}"] = r.traj.cpu()
+    trajs: dict[str, Tensor] = {}
+    out: dict[str, float] = {}
+    for k in [None, *options.euler_steps]:
+        s = solver if k is None else Solver("euler", steps=k)
+        if keep and (k is None or k in keep):
+            r = s.integrate(velocity, x0.to(device), return_traj=True)
+            x1_hat = r.x1.cpu()
+            trajs["solver" if k is None else f"euler{k}"] = r.traj.cpu()
+        else:
+            x1_hat, _ = _integrate(velocity, s, x0, device, options.batch_size)
+        out.update(_pair_scores(x1_hat, x1, x_ot, k))
+        if k is None:
+            m = None if options.mmd_max_n is None else int(options.mmd_max_n)
+            out[metric("eval/mmd_mem")] = M.mmd2_rbf(x1_hat[:m], x1[:m])
     return out, trajs
 
 

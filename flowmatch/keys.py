@@ -29,6 +29,8 @@ METRICS: dict[str, str] = {
     "eval/pair_acc": "fraction of training sources whose endpoint's nearest training target is its own partner",
     "eval/l2_partner": "mean ||x_hat1 - x1_partner|| over the training sources",
     "eval/l2_ot": "mean ||x_hat1 - T_OT(x0)||: training sources (or fresh sources without pairs) vs their OT partner",
+    "eval/l2_partner_std": "std over the training sources of ||x_hat1 - x1_partner|| (configured solver)",
+    "eval/l2_ot_std": "std over the training sources of ||x_hat1 - T_OT(x0)|| (configured solver)",
     "eval/mmd_mem": "RBF-kernel MMD^2 between endpoints of the training sources and their partners",
     "eval/mmd_gen": "RBF-kernel MMD^2 between endpoints of fresh sources and fresh targets",
     "eval/w2": "Gaussian (Bures) W2 between the generated samples and the target (closed-form moments when known)",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pair_accuracy", "mean_l2", "mmd2_rbf", "sample_moments"]
+__all__ = ["pair_accuracy", "l2_distances", "mean_l2", "mmd2_rbf", "sample_moments"]
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -38,9 +38,14 @@ def pair_accuracy(x1_hat: Tensor, targets: Tensor, chunk: int = 1024, partners: 
     return hits / len(a)
 
 
+def l2_distances(x: Tensor, y: Tensor) -> Tensor:
+    """The Euclidean distances ||x_i - y_i|| (flattened, float64), one per sample."""
+    return (_flat(x) - _flat(y)).norm(dim=1)
+
+
 def mean_l2(x: Tensor, y: Tensor) -> float:
     """Mean over samples of the Euclidean distance ||x_i - y_i|| (flattened)."""
-    return float((_flat(x) - _flat(y)).norm(dim=1).mean())
+    return float(l2_distances(x, y).mean())
 
 
 def _median_distance(z: Tensor, max_n: int = 2000) -> Tensor:

@@ -53,8 +53,19 @@ def _mandatory_reflow(tmp_path: Path) -> list[str]:
     return [f"coupling.pairs_path={path}"]
 
 
+def _mandatory_reflow_digits(tmp_path: Path) -> list[str]:
+    path = tmp_path / "reflow_pairs_digits.pt"
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x0": torch.randn(16, 1, 8, 8, generator=g), "x1": torch.rand(16, 1, 8, 8, generator=g) * 2 - 1}, path)
+    return [f"coupling.pairs_path={path}"]
+
+
 # Options with mandatory values (`???`): the extra overrides (and files) a test gives them.
-MANDATORY = {("coupling", "reflow"): _mandatory_reflow}
+MANDATORY = {
+    ("coupling", "reflow"): _mandatory_reflow,
+    ("experiment", "paper/table3"): _mandatory_reflow_digits,
+    ("experiment", "paper/table3_paper"): _mandatory_reflow,  # CelebA: instantiated only, the file is not read
+}
 
 
 # --- discovery ------------------------------------------------------------------------------------------

@@ -138,3 +138,49 @@ def test_fixed_coupling_fresh_sources_keeps_targets_and_stored_pairs():
         previous = x0
     torch.testing.assert_close(c.pairs[0], x0s)  # sampling never touches the stored pairing
     assert "fresh_sources=True" in repr(c)
+
+
+def _digit_like(n=24, seed=0):
+    from flowmatch.distributions import Empirical, StandardNormal
+
+    data = torch.rand(n, 1, 3, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return StandardNormal((1, 3, 3)), Empirical(data), data
+
+
+def test_shuffled_ot_distinct_targets_uses_every_image_once_and_keeps_the_ot_partners():
+    p0, p1, data = _digit_like()
+    c = ShuffledOTCoupling(n_pairs=24, seed=3, distinct_targets=True)
+    c.setup(p0, p1)
+    x0, x1 = c.pairs
+    key = lambda x: sorted(map(tuple, x.flatten(1).tolist()))  # noqa: E731
+    assert key(x1) == key(data)  # each image exactly once
+    # the kept OT partners are the OT assignment of the sources to the (shuffled) targets, recomputed here
+    torch.testing.assert_close(c.ot_targets, x1[ot_assignment(x0, x1)])
+    assert (c.ot_targets != x1).flatten(1).any(1).float().mean() > 0.8  # the shuffle moved (almost) every target
+    with pytest.raises(ValueError, match="distinct"):
+        ShuffledOTCoupling(n_pairs=4, distinct_targets=True).setup(*ends())  # Gaussian targets: not a finite set
+    with pytest.raises(ValueError, match="cannot draw 25 distinct"):
+        ShuffledOTCoupling(n_pairs=25, distinct_targets=True).setup(p0, p1)
+
+
+def test_shuffled_ot_state_dict_round_trip_keeps_ot_partners():
+    p0, p1, _ = _digit_like()
+    c = ShuffledOTCoupling(n_pairs=10, seed=1, distinct_targets=True)
+    c.setup(p0, p1)
+    d = ShuffledOTCoupling(n_pairs=10, seed=99, distinct_targets=True)
+    d.load_state_dict(c.state_dict())
+    d.setup(p0, p1)  # keeps the loaded pairs
+    torch.testing.assert_close(d.pairs[1], c.pairs[1])
+    torch.testing.assert_close(d.ot_targets, c.ot_targets)
+
+
+def test_shuffled_ot_auction_solver_gives_the_exact_pairs_at_small_n():
+    p0, p1, _ = _digit_like(30)
+    exact = ShuffledOTCoupling(n_pairs=30, seed=2, distinct_targets=True)
+    exact.setup(p0, p1)
+    auction = ShuffledOTCoupling(n_pairs=30, seed=2, distinct_targets=True, solver="auction")
+    auction.setup(p0, p1)
+    torch.testing.assert_close(auction.pairs[1], exact.pairs[1])
+    assert auction.last_assignment.method == "auction" and auction.last_assignment.rel_gap < 1e-5
+    with pytest.raises(ValueError, match="coupling.solver"):
+        ShuffledOTCoupling(solver="sinkhorn")

@@ -71,3 +71,44 @@ def test_evaluate_flow_on_exact_translation_field():
     assert m["eval/l2_partner"] < 1e-5 and m["eval/l2_ot@euler7"] < 1e-5
     assert m["eval/nfe"] == 3.0 and m["eval/w2"] < 0.2 and abs(m["eval/mmd_gen"]) < 0.02
     assert res.trajectories["euler7"].shape == (8, 30, 2)
+
+
+def test_pair_stds_chunking_and_kept_ot_partners():
+    """eval/l2_*_std are the sample standard deviations of the per-source distances (a naive loop); chunked
+    integration (eval.batch_size) gives the numbers of one batch; kept OT partners (ot_targets) are used as given,
+    else the coupling's assign() over the whole pair set."""
+    p0 = Gaussian.standard(2)
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(25, 2, generator=g), torch.randn(25, 2, generator=g) + 3
+    kept = torch.randn(25, 2, generator=g) + 3
+
+    def velocity(x, t):
+        return torch.full_like(x, 3.0)
+
+    calls = []
+
+    def assign(a, b):
+        calls.append(len(a))
+        return torch.arange(len(a)).flip(0)
+
+    setup = EvalSetup(p0, Gaussian(torch.full((2,), 3.0), 1.0), (x0, x1), ot_targets=kept, assign=assign)
+    opts = EvalOptions(euler_steps=[2], n_fresh=8)
+    one = evaluate_flow(velocity, setup, Solver("euler", steps=4), opts).metrics
+    chunked = evaluate_flow(velocity, setup, Solver("euler", steps=4), EvalOptions(euler_steps=[2], n_fresh=8,
+                            batch_size=7)).metrics  # fmt: skip
+    end = x0 + 3.0
+    d = [float((end[i] - x1[i]).norm()) for i in range(25)]
+    d_ot = [float((end[i] - kept[i]).norm()) for i in range(25)]
+    mean, mean_ot = sum(d) / 25, sum(d_ot) / 25
+    assert one["eval/l2_partner"] == pytest.approx(mean, rel=1e-6)
+    assert one["eval/l2_partner_std"] == pytest.approx((sum((v - mean) ** 2 for v in d) / 24) ** 0.5, rel=1e-6)
+    assert one["eval/l2_ot"] == pytest.approx(mean_ot, rel=1e-6)
+    assert one["eval/l2_ot_std"] == pytest.approx((sum((v - mean_ot) ** 2 for v in d_ot) / 24) ** 0.5, rel=1e-6)
+    assert "eval/l2_partner_std@euler2" not in one and "eval/l2_ot@euler2" in one
+    for key in ("eval/l2_partner", "eval/l2_ot_std", "eval/pair_acc", "eval/l2_ot@euler2"):
+        assert chunked[key] == pytest.approx(one[key], rel=1e-6)
+    assert calls == []  # kept OT partners: no assignment solved
+    setup.ot_targets = None
+    m = evaluate_flow(velocity, setup, Solver("euler", steps=4), opts).metrics
+    assert calls == [25]  # once, for both the solver and the Euler keys
+    assert m["eval/l2_ot"] == pytest.approx(float((end - x1.flip(0)).norm(dim=1).mean()), rel=1e-6)
