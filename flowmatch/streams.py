@@ -18,6 +18,7 @@ pairs      seed                        a finite coupling's pair set (``coupling.
 loss       seed                        times and noise of the held-out (val/test) loss
 data       seed                        choices that build a data set: subsets, splits, mixture centres
 reflow     seed                        the sources of ``evaluate.py task=reflow_pairs``
+stability  seed                        the sources and perturbation directions of ``evaluate.py task=stability``
 =========  ==========================  ===========================================================
 """
 
@@ -39,6 +40,7 @@ STREAMS: dict[str, tuple[int, int]] = {
     "loss": (0, 0),
     "data": (0, 0),
     "reflow": (0, 0),
+    "stability": (0, 0),
 }
 
 
