@@ -7,7 +7,7 @@ OUT     ?= outputs/demo
 export WANDB_MODE ?= offline
 
 .PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check clean \
-        figures figures-fast lemma1 prop1 fig4 fig5 fig6 prop2 table1
+        figures figures-fast lemma1 prop1 fig4 fig5 fig6 prop2 table1 fig-gradvar fig-stability figures-paper
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -60,8 +60,9 @@ pick     = $(if $(FAST),$(2),$(1))
 SWEEP   := --multirun hydra/launcher=joblib_cpu threads=1 hydra.sweep.subdir=\$${hydra.job.num}
 TRAIN_SWEEP = $(BIN)/python train.py $(SWEEP) trainer.enable_progress_bar=false hydra.sweep.dir=$(RUNS)/$@
 EVAL_SWEEP  = $(BIN)/python evaluate.py $(SWEEP) hydra.sweep.dir=$(RUNS)/$@
-PLOT        = $(BIN)/python -m flowmatch.plots.$@ $(RUNS)/$@ $(FIGS)/$@
+PLOT        = $(BIN)/python -m flowmatch.plots.$(subst -,_,$@) $(RUNS)/$@ $(FIGS)/$@
 PAPER1  := lemma1 prop1 fig4 fig5 fig6 prop2 table1
+PAPER2  := fig-gradvar fig-stability
 
 LEMMA1_SWEEP := lemma1.dim=2,10,50
 LEMMA1_FAST  := lemma1.dim=2 lemma1.widths=[8,32] lemma1.fit_steps=100 lemma1.n_samples=100 lemma1.n_test=200
@@ -82,11 +83,27 @@ PROP2_FRESH_SWEEP := data.dim=2,3,50
 PROP2_FRESH_FAST  := data.dim=2 debug=fast
 TABLE1_SWEEP := data.dim=3,50 interpolant.sigma=0.0,0.05 seed=0,1,2
 TABLE1_FAST  := data.dim=3 interpolant.sigma=0.0,0.05 seed=0,1 debug=fast
+# fig-gradvar, fig-stability at smoke size: both gradient-variance probes small and every 10 steps
+PROBES_FAST  := callbacks.gradvar.every_n_steps=10 callbacks.gradvar_integrated.every_n_steps=10 \
+  callbacks.gradvar.probe_size=40 callbacks.gradvar_integrated.probe_size=40 callbacks.gradvar_integrated.ode_steps=5
+FIG_GRADVAR_SWEEP := direction=forward,backward interpolant.sigma=0.0,0.05 seed=0,1,2
+FIG_GRADVAR_FAST  := direction=forward,backward interpolant.sigma=0.0,0.05 seed=0,1 debug=fast $(PROBES_FAST)
+# fig-stability: train on the mixture and on digits, then evaluate.py task=stability on every last.ckpt
+FIG_STABILITY_SWEEP  := direction=forward,backward seed=0,1,2
+FIG_STABILITY_FAST   := direction=forward,backward seed=0 debug=fast $(PROBES_FAST)
+FIG_STABILITY_DIGITS_SWEEP := direction=forward,backward seed=0,1
+FIG_STABILITY_DIGITS_FAST  := direction=forward,backward seed=0 debug=fast $(PROBES_FAST)
+FIG_STABILITY_EVAL_FAST    := stability.n_samples=8 stability.n_directions=2 'stability.times=[0.0,0.5]' \
+  'stability.steps=[1,4]' 'stability.methods=[euler]' stability.ref_atol=1e-5 stability.ref_rtol=1e-5
+CKPTS        = $$(ls $(RUNS)/$@/train/$(1)/*/checkpoints/last.ckpt | paste -sd, -)
 
-figures: $(PAPER1)  ## every paper figure and table (part 1: the Gaussian and low-dimensional claims)
+figures: $(PAPER1) $(PAPER2)  ## every paper figure and table (items 1-12, CPU scale)
 
 figures-fast: install  ## every paper target at smoke size, into outputs/figures-fast/
-	$(MAKE) --no-print-directory $(PAPER1) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
+	$(MAKE) --no-print-directory $(PAPER1) $(PAPER2) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
+
+figures-paper: install  ## print the paper-scale plan: per item the command and the estimated GPU-hours
+	$(BIN)/python scripts/paper_plan.py
 
 lemma1: install  ## Lemma 1: dopri5 through the closed-form OT / rotated fields; MLP fit error vs width
 	rm -rf $(RUNS)/$@
@@ -125,6 +142,23 @@ prop2: install  ## Prop. 2: fixed random pairs to a Gaussian mixture: memorized 
 table1: install  ## Table 1: memorization / generalization MMD, Gaussian mixture d=3, 50, sigma 0 vs 0.05
 	rm -rf $(RUNS)/$@
 	$(TRAIN_SWEEP) experiment=paper/table1 $(call pick,$(TABLE1_SWEEP),$(TABLE1_FAST)) $(ARGS)
+	$(PLOT)
+
+fig-gradvar: install  ## Item 10: gradient variance per time bin, forward vs backward, sigma 0 vs 0.05, on digits
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/$@ $(call pick,$(FIG_GRADVAR_SWEEP),$(FIG_GRADVAR_FAST)) $(ARGS)
+	$(PLOT)
+
+fig-stability: install  ## Item 11: forward vs backward flows: endpoint error vs ODE steps, perturbation amplification
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/$@ $(call pick,$(FIG_STABILITY_SWEEP),$(FIG_STABILITY_FAST)) \
+	  hydra.sweep.dir=$(RUNS)/$@/train/gmm $(ARGS)
+	$(TRAIN_SWEEP) experiment=paper/$@_digits $(call pick,$(FIG_STABILITY_DIGITS_SWEEP),$(FIG_STABILITY_DIGITS_FAST)) \
+	  hydra.sweep.dir=$(RUNS)/$@/train/digits $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/$@_eval ckpt_path=$(call CKPTS,gmm) $(call pick,,$(FIG_STABILITY_EVAL_FAST)) \
+	  hydra.sweep.dir=$(RUNS)/$@/stability/gmm
+	$(EVAL_SWEEP) experiment=paper/$@_eval_digits ckpt_path=$(call CKPTS,digits) \
+	  $(call pick,,$(FIG_STABILITY_EVAL_FAST)) hydra.sweep.dir=$(RUNS)/$@/stability/digits
 	$(PLOT)
 
 clean:  ## remove outputs (keeps .venv)
