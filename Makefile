@@ -7,7 +7,8 @@ OUT     ?= outputs/demo
 export WANDB_MODE ?= offline
 
 .PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check clean \
-        figures figures-fast lemma1 prop1 fig4 fig5 fig6 prop2 table1 memorization table2 table3 lemma2
+        figures figures-fast figures-paper lemma1 prop1 fig4 fig5 fig6 prop2 table1 memorization \
+        table2 table3 lemma2 fig-gradvar fig-stability
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -60,9 +61,9 @@ pick     = $(if $(FAST),$(2),$(1))
 SWEEP   := --multirun hydra/launcher=joblib_cpu threads=1 hydra.sweep.subdir=\$${hydra.job.num}
 TRAIN_SWEEP = $(BIN)/python train.py $(SWEEP) trainer.enable_progress_bar=false hydra.sweep.dir=$(RUNS)/$@
 EVAL_SWEEP  = $(BIN)/python evaluate.py $(SWEEP) hydra.sweep.dir=$(RUNS)/$@
-PLOT        = $(BIN)/python -m flowmatch.plots.$@ $(RUNS)/$@ $(FIGS)/$@
+PLOT        = $(BIN)/python -m flowmatch.plots.$(subst -,_,$@) $(RUNS)/$@ $(FIGS)/$@
 PAPER1  := lemma1 prop1 fig4 fig5 fig6 prop2 table1
-PAPER2  := table2 table3 lemma2
+PAPER2  := table2 table3 lemma2 fig-gradvar fig-stability
 BEYOND  := memorization
 
 LEMMA1_SWEEP := lemma1.dim=2,10,50
@@ -99,6 +100,20 @@ LEMMA2_FAST  := coupling.angle=90,180 interpolant.sigma=0.0,0.05 debug=fast
 LEMMA2_PAIRS_SWEEP :=
 LEMMA2_PAIRS_FAST  := reflow.n_pairs=200
 
+# fig-gradvar, fig-stability at smoke size: both gradient-variance probes small and every 10 steps
+PROBES_FAST  := callbacks.gradvar.every_n_steps=10 callbacks.gradvar_integrated.every_n_steps=10 \
+  callbacks.gradvar.probe_size=40 callbacks.gradvar_integrated.probe_size=40 callbacks.gradvar_integrated.ode_steps=5
+FIG_GRADVAR_SWEEP := direction=forward,backward interpolant.sigma=0.0,0.05 seed=0,1,2
+FIG_GRADVAR_FAST  := direction=forward,backward interpolant.sigma=0.0,0.05 seed=0,1 debug=fast $(PROBES_FAST)
+# fig-stability: train on the mixture and on digits, then evaluate.py task=stability on every last.ckpt
+FIG_STABILITY_SWEEP  := direction=forward,backward seed=0,1,2
+FIG_STABILITY_FAST   := direction=forward,backward seed=0 debug=fast $(PROBES_FAST)
+FIG_STABILITY_DIGITS_SWEEP := direction=forward,backward seed=0,1
+FIG_STABILITY_DIGITS_FAST  := direction=forward,backward seed=0 debug=fast $(PROBES_FAST)
+FIG_STABILITY_EVAL_FAST    := stability.n_samples=8 stability.n_directions=2 'stability.times=[0.0,0.5]' \
+  'stability.steps=[1,4]' 'stability.methods=[euler]' stability.ref_atol=1e-5 stability.ref_rtol=1e-5
+CKPTS        = $$(ls $(RUNS)/$@/train/$(1)/*/checkpoints/last.ckpt | paste -sd, -)
+
 # memorization (beyond the paper): the alarm of callbacks=memorization on seven families of runs, one seed each.
 # Calibration family (the threshold was chosen on it alone, docs/memorization-calibration.md): prop2's Gaussian
 # mixture, d = 2 and 50, sigma 0 / 0.05 and fresh sources, 4k steps. Evaluated without retuning: the 180-degree
@@ -132,6 +147,9 @@ figures: $(PAPER1) $(PAPER2) $(BEYOND)  ## every paper figure and table (items 1
 
 figures-fast: install  ## every paper target at smoke size, into outputs/figures-fast/
 	$(MAKE) --no-print-directory $(PAPER1) $(PAPER2) $(BEYOND) FAST=1 RUNS=outputs/figures-fast/runs FIGS=outputs/figures-fast/figures
+
+figures-paper: install  ## print the paper-scale plan: per item the command and the estimated GPU-hours
+	$(BIN)/python scripts/paper_plan.py
 
 lemma1: install  ## Lemma 1: dopri5 through the closed-form OT / rotated fields; MLP fit error vs width
 	rm -rf $(RUNS)/$@
@@ -210,6 +228,23 @@ lemma2: install  ## Lemma 2: noiseless ReFlow keeps a 90-degree rotated coupling
 	$(EVAL_SWEEP) experiment=paper/lemma2_pairs hydra.sweep.dir=$(RUNS)/$@/pairs \
 	  ckpt_path=$$(ls $(RUNS)/$@/train/*/checkpoints/last.ckpt | paste -sd, -) \
 	  $(call pick,$(LEMMA2_PAIRS_SWEEP),$(LEMMA2_PAIRS_FAST))
+	$(PLOT)
+
+fig-gradvar: install  ## Item 10: gradient variance per time bin, forward vs backward, sigma 0 vs 0.05, on digits
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/$@ $(call pick,$(FIG_GRADVAR_SWEEP),$(FIG_GRADVAR_FAST)) $(ARGS)
+	$(PLOT)
+
+fig-stability: install  ## Item 11: forward vs backward flows: endpoint error vs ODE steps, perturbation amplification
+	rm -rf $(RUNS)/$@
+	$(TRAIN_SWEEP) experiment=paper/$@ $(call pick,$(FIG_STABILITY_SWEEP),$(FIG_STABILITY_FAST)) \
+	  hydra.sweep.dir=$(RUNS)/$@/train/gmm $(ARGS)
+	$(TRAIN_SWEEP) experiment=paper/$@_digits $(call pick,$(FIG_STABILITY_DIGITS_SWEEP),$(FIG_STABILITY_DIGITS_FAST)) \
+	  hydra.sweep.dir=$(RUNS)/$@/train/digits $(ARGS)
+	$(EVAL_SWEEP) experiment=paper/$@_eval ckpt_path=$(call CKPTS,gmm) $(call pick,,$(FIG_STABILITY_EVAL_FAST)) \
+	  hydra.sweep.dir=$(RUNS)/$@/stability/gmm
+	$(EVAL_SWEEP) experiment=paper/$@_eval_digits ckpt_path=$(call CKPTS,digits) \
+	  $(call pick,,$(FIG_STABILITY_EVAL_FAST)) hydra.sweep.dir=$(RUNS)/$@/stability/digits
 	$(PLOT)
 
 clean:  ## remove outputs (keeps .venv)

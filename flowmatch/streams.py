@@ -22,6 +22,7 @@ data       seed                        choices that build a data set: subsets, s
 reflow     seed                        the sources of ``evaluate.py task=reflow_pairs``
 holdout    seed + 3000017              a coupling's held-out pairs (``coupling.n_holdout``)
 memprobe   seed + 4000037              the memorization probe: training subset, times and noise
+stability  seed                        the sources and perturbation directions of ``evaluate.py task=stability``
 =========  ==========================  ===========================================================
 """
 
@@ -45,6 +46,7 @@ STREAMS: dict[str, tuple[int, int]] = {
     "reflow": (0, 0),
     "holdout": (3_000_017, 0),
     "memprobe": (4_000_037, 0),
+    "stability": (0, 0),
 }
 
 

@@ -108,6 +108,37 @@ def test_integrated_and_pairs_sources(tmp_path):
     assert proc.returncode == 2 and "callbacks.gradvar.source=pairs needs a finite coupling" in proc.stderr
 
 
+def test_two_probes_in_one_run_write_two_csvs_and_log_one(tmp_path):
+    """callbacks=[gradvar,gradvar_integrated]: gradvar.csv (interpolant) and gradvar_integrated.csv (integrated) on the
+    same sources and times; only the first probe's numbers reach the loggers; the integrated table matches a
+    recomputation of the integrated probe from the final checkpoint."""
+    run_entry(
+        "train.py",
+        *[o for o in COMMON if not o.startswith("callbacks=")],
+        "callbacks=[gradvar,gradvar_integrated]",
+        "callbacks.gradvar_integrated.every_n_steps=10",
+        "callbacks.gradvar_integrated.ode_steps=20",
+        f"hydra.run.dir={tmp_path}",
+    )
+    interp, integ = read_rows(tmp_path / "gradvar.csv"), read_rows(tmp_path / "gradvar_integrated.csv")
+    assert len(interp) == len(integ) == 30
+    assert [(r["step"], r["t_lo"], r["n"]) for r in interp] == [(r["step"], r["t_lo"], r["n"]) for r in integ]
+    logged = [r for r in read_rows(tmp_path / "csv" / "metrics.csv") if r.get("gradvar/bin_00/var")]
+    assert len(logged) == 3
+    for r in logged:
+        first = next(q for q in interp if q["step"] == r["step"] and float(q["t_lo"]) == 0.0)
+        assert float(r["gradvar/bin_00/var"]) == pytest.approx(float(first["grad_var"]), rel=1e-6)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    dm = GaussianDataModule(FixedCoupling(n_pairs=50, seed=0), dim=2)
+    dm.load_state_dict(ckpt["GaussianDataModule"])
+    dm.setup()
+    module = FlowMatchingModule(MLP(2), CFM(0.0), functools.partial(torch.optim.Adam))
+    module.load_state_dict(ckpt["state_dict"])
+    cb = GradientVarianceCallback(bins=10, probe_size=400, seed=0, source="integrated", ode_steps=20, plot=False)
+    cb.fixed = cb.draw_fixed(dm.coupling, module.interpolant)
+    _compare(integ, gv.bin_sums(module.model, cb.probe(module), cb.edges, method="loop").to_stats(), 20)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_on_union(tmp_path):
     run_entry(

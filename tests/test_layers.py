@@ -12,6 +12,7 @@ CORE = [
     "flowmatch.couplings",
     "flowmatch.losses",
     "flowmatch.sampling",
+    "flowmatch.stability",
     "flowmatch.metrics",
     "flowmatch.evaluation",
     "flowmatch.gradvar",
@@ -33,6 +34,8 @@ ANALYSIS = [
     "flowmatch.analysis.lemma1",
     "flowmatch.analysis.oracle",
     "flowmatch.analysis.field_table",
+    "flowmatch.analysis.stats",
+    "flowmatch.analysis.verdicts",
 ]
 LIGHTNING = [
     "flowmatch.module",

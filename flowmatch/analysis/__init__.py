@@ -7,6 +7,8 @@ gradient-variance instrument) and nothing in the core imports it.
 non-isotropic target, dopri5 through the fields, the fit of an MLP / the affine model to v_OT).
 ``oracle``: exact per-t (and per-time-bin) loss and gradient-variance moments of the affine model.
 ``field_table``: Monte Carlo next to the closed form.
+``stats``: mean and spread over seeds, the one-sided paired test (shared by the figure scripts).
+``verdicts``: the criteria of the paper items 10 and 11, fixed before any run, on the figure scripts' records.
 """
 
 from flowmatch.analysis.lemma1 import (

@@ -4,7 +4,8 @@ Enabled by ``callbacks=gradvar``; settings under ``callbacks.gradvar``. Every ``
 optimizer steps (and at the start and the end of training) it evaluates :func:`flowmatch.gradvar.bin_sums`
 on a probe of ``probe_size`` samples with equal counts per time bin, all-reduces the sums across
 DDP ranks (so the result equals one process on the union of the ranks' probes), logs
-``gradvar/bin_{k:02d}/{var,sqnorm,loss}`` to every logger, appends rows to ``gradvar.csv`` in the
+``gradvar/bin_{k:02d}/{var,sqnorm,loss}`` to every logger (unless ``log`` is false: a second probe in the same
+run writes only its CSV, so the logged keys stay those of one probe), appends rows to ``gradvar.csv`` in the
 run dir (with ``groups``: per-parameter-group rows in ``gradvar_groups.csv``) and, at the end, draws
 ``gradvar_heatmap.png`` and ``gradvar_profile.png``.
 
@@ -52,6 +53,7 @@ class GradientVarianceCallback(L.Callback):
         groups: str | None = None,
         filename: str = "gradvar.csv",
         plot: bool = True,
+        log: bool = True,
     ) -> None:
         self.edges = gv.bin_edges(bins)
         self.K = self.edges.numel() - 1
@@ -66,7 +68,7 @@ class GradientVarianceCallback(L.Callback):
         self.every, self.n_per_bin, self.source = int(every_n_steps), int(probe_size) // self.K, source
         self.method, self.chunk_size, self.seed, self.groups = method, int(chunk_size), int(seed), groups
         self.solver = Solver("euler", steps=int(ode_steps))
-        self.filename, self.plot = filename, bool(plot)
+        self.filename, self.plot, self.to_loggers = filename, bool(plot), bool(log)
         self.fixed: PathSample | None = None
         self.last_step = -1
         self.last_stats: gv.GradVarStats | None = None
@@ -141,13 +143,14 @@ class GradientVarianceCallback(L.Callback):
         self.last_step, self.last_stats = step, stats
         if not trainer.is_global_zero:
             return
-        logged = {}
-        for k in range(self.K):
-            logged[gradvar_key(k, "var")] = float(stats.grad_var[k])
-            logged[gradvar_key(k, "sqnorm")] = float(stats.grad_sqnorm[k])
-            logged[gradvar_key(k, "loss")] = float(stats.loss[k])
-        for lg in trainer.loggers:
-            lg.log_metrics(logged, step=step)
+        if self.to_loggers:
+            logged = {}
+            for k in range(self.K):
+                logged[gradvar_key(k, "var")] = float(stats.grad_var[k])
+                logged[gradvar_key(k, "sqnorm")] = float(stats.grad_sqnorm[k])
+                logged[gradvar_key(k, "loss")] = float(stats.loss[k])
+            for lg in trainer.loggers:
+                lg.log_metrics(logged, step=step)
         self._append_csv(self._csv_path(trainer), stats.rows(step))
         if stats.groups:
             self._append_csv(self._csv_path(trainer).with_name("gradvar_groups.csv"), stats.group_rows(step))

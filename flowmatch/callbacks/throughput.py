@@ -2,8 +2,10 @@
 
 Times the optimizer steps from the end of step ``warmup_steps`` (compilation, cuDNN autotuning and the
 first allocations are excluded) to the end of training, synchronising CUDA before reading the clock:
-steps/s = (N - warmup) / (t_N - t_warmup), samples/s = steps/s * batch size (per process). Prints one line
-``flowmatch: throughput ...`` and writes ``throughput.json`` into the run dir (global rank 0).
+steps/s = (N - warmup) / (t_N - t_warmup), samples/s = steps/s * batch size (per process). On CUDA it also
+records the peak GPU memory of the process (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``, GiB,
+since the start of training). Prints one line ``flowmatch: throughput ...`` and writes ``throughput.json`` into the
+run dir (global rank 0).
 
 Why not Lightning's ``ThroughputMonitor``: it logs windowed rates to the loggers and needs a ``batch_size_fn``;
 this callback measures one rate over the whole run after a warm-up, synchronising CUDA, and writes it to a file
@@ -37,6 +39,10 @@ class Throughput(L.Callback):
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.batch_size = len(batch[0])
         if self.t0 is None and trainer.global_step >= self.warmup:
@@ -56,6 +62,9 @@ class Throughput(L.Callback):
             "device": str(pl_module.device),
             "precision": str(trainer.precision),
         }
+        if pl_module.device.type == "cuda":
+            self.result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            self.result["max_memory_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
         if trainer.is_global_zero:
             print(
                 f"flowmatch: throughput {n / dt:.2f} steps/s, {n * self.batch_size / dt:.1f} samples/s "
