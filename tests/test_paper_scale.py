@@ -16,6 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -49,6 +50,8 @@ def test_paper_overlay_instantiates_without_data(overlay, tmp_path):
     from flowmatch.module import FlowMatchingModule
 
     cfg = _compose(overlay)
+    if OmegaConf.is_missing(cfg.coupling, "pairs_path"):  # coupling=reflow: the pairs file is read only in setup()
+        cfg.coupling.pairs_path = str(tmp_path / "reflow_pairs.pt")
     dm = instantiate(cfg.data, coupling=instantiate(cfg.coupling))
     assert isinstance(dm, FlowDataModule) and dm.p0 is None
     model = instantiate(cfg.model)
