@@ -16,7 +16,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from flowmatch.entry import build, fail, preflight, run_evaluation, set_threads, user_errors, write_json
+from flowmatch.entry import (
+    build,
+    fail,
+    instantiate_all,
+    preflight,
+    run_evaluation,
+    set_threads,
+    user_errors,
+    write_json,
+)
 from flowmatch.keys import metric
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -42,11 +51,11 @@ def main(cfg: DictConfig) -> dict:
         datamodule, module, solver = build(cfg)
         eval_options = instantiate(cfg.eval)
         module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
-        callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+        callbacks = instantiate_all(cfg.callbacks, "callbacks")
         for cb in callbacks:  # a callback may check its settings against the data before training
             if hasattr(cb, "validate"):
                 cb.validate(datamodule=datamodule, module=module)
-        loggers = [instantiate(c) for c in cfg.logger.values()]
+        loggers = instantiate_all(cfg.logger, "logger")
         ckpt_dir = run_dir / "checkpoints"
         callbacks.append(
             ModelCheckpoint(

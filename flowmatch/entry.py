@@ -130,6 +130,21 @@ def build(cfg: DictConfig, datamodule_state: dict | None = None):
     return datamodule, module, solver
 
 
+def instantiate_all(group: DictConfig, name: str) -> list:
+    """Instantiate every entry of a dict-of-objects group (``callbacks``, ``logger``); an entry without ``_target_``
+    (an overlay set options of a callback that the chosen list does not include) stops with one clear error."""
+    chosen = [k for k, v in group.items() if isinstance(v, DictConfig) and "_target_" in v]
+    for key, node in group.items():
+        if key not in chosen:
+            settings = ", ".join(map(str, node)) if isinstance(node, DictConfig) else repr(node)
+            fail(
+                f"{name}.{key} has settings ({settings}) but no _target_: it is not among the chosen {name} "
+                f"({', '.join(chosen) or 'none'}). Add it to the list ({name}=[...,{key}]) or drop its settings "
+                f"(~{name}.{key})"
+            )
+    return [instantiate(node) for node in group.values()]
+
+
 def run_evaluation(module, datamodule, solver, options, device, run_dir: Path, ckpt_path: str) -> dict:
     """The one evaluation of train.py (end of training) and evaluate.py: ``evaluate_module`` (``evaluate_flow``
     on the sampling weights), ``eval/...`` and ``protocol/...`` keys (plus which checkpoint and whether EMA

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Paper-scale check, for a GPU user: a few hundred training steps of the paper-scale configs of table2
 # (experiment=paper/table2_paper) and fig-gradvar (experiment=paper/fig-gradvar_paper), recording
-#   - steps/s and peak GPU memory of the real training loop (train.py with callbacks=[ema,throughput]:
-#     <OUT>/<item>/throughput.json), and
+#   - steps/s and peak GPU memory of the real training loop (train.py:
+#     <OUT>/<item>/throughput.json; the overlay's own callbacks plus throughput), and
 #   - the gradient-variance probes' cost relative to a training step (scripts/probe_cost.py: the callback's own
-#     probe code on the same config: <OUT>/<item>/probe_cost.json),
+#     probe code on the same config, gradvar added where the overlay has no probe: <OUT>/<item>/probe_cost.json),
 # then prints a summary (also <OUT>/summary.txt) to copy into REPRODUCTION.md and to scale `make figures-paper`.
 #
 #   scripts/paper_scale_check.sh                   # STEPS=300, real data if found, else synthetic stand-ins
 #   DATA=synthetic scripts/paper_scale_check.sh    # random images of the same shape (no files needed)
 #   ITEMS="fig-gradvar_paper" scripts/paper_scale_check.sh
+#   PROBE_REPEATS=1 STEPS=200 scripts/paper_scale_check.sh     # shorter (probe timing: best of PROBE_REPEATS runs)
 #
 # Real data: CIFAR-10 and CelebA under $FLOWMATCH_DATA (see conf/data/*.yaml). Synthetic: data=random_images of
 # the same shape (3x32x32, resp. 3x64x64 with 5,000 images): the timings hold, the numbers learned do not matter.
@@ -43,20 +44,33 @@ data_overrides() {  # $1: overlay -> the data overrides of this check (nothing f
   esac
 }
 
+callbacks_of() {  # $1: overlay -> its own callbacks list plus throughput (its probes fire every few thousand steps)
+  local list
+  list=$(sed -n 's/^ *- override \/callbacks: *//p' "conf/experiment/paper/$1.yaml" | tr -d '[] ')
+  echo "callbacks=[${list:+$list,}throughput]"
+}
+
+probes_of() {  # $1: overlay -> its callbacks list with the gradient-variance probe added when it has none
+  local cbs
+  cbs=$(callbacks_of "$1" | sed 's/,throughput\]/]/; s/\[throughput\]/[]/')
+  case "$cbs" in *gradvar*) echo "$cbs" ;; "callbacks=[]") echo "callbacks=[gradvar]" ;; *) echo "${cbs%]},gradvar]" ;; esac
+}
+
 status=0
 for overlay in $ITEMS; do
   run="$OUT/$overlay"
   rm -rf "$run"
   extra=$(data_overrides "$overlay")
   echo "== $overlay: $STEPS steps ${extra:+(synthetic: $extra)}"
-  if ! "$PY" train.py "experiment=paper/$overlay" $extra "callbacks=[ema,throughput]" logger=none \
+  if ! "$PY" train.py "experiment=paper/$overlay" $extra "$(callbacks_of "$overlay")" logger=none \
       trainer.max_steps="$STEPS" trainer.val_check_interval=1000000 trainer.limit_val_batches=0 \
       trainer.enable_progress_bar=false checkpoint.every_n_train_steps=1000000 eval.enabled=false \
       hydra.run.dir="$run" > "$run.train.log" 2>&1; then
     echo "   training FAILED (see $run.train.log):"; tail -3 "$run.train.log" | sed 's/^/   /'; status=1; continue
   fi
   grep "flowmatch: throughput" "$run.train.log" | sed 's/^/   /'
-  if ! "$PY" scripts/probe_cost.py "$run/probe_cost.json" "experiment=paper/$overlay" $extra \
+  if ! "$PY" scripts/probe_cost.py --repeats "${PROBE_REPEATS:-2}" "$run/probe_cost.json" "experiment=paper/$overlay" \
+      $extra "$(probes_of "$overlay")" \
       > "$run.probe.log" 2>&1; then
     echo "   probe timing FAILED (see $run.probe.log):"; tail -3 "$run.probe.log" | sed 's/^/   /'; status=1; continue
   fi

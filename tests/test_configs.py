@@ -520,3 +520,18 @@ def test_every_yaml_file_is_covered():
     assert on_disk - reached == set(), f"config files no test reaches: {sorted(map(str, on_disk - reached))}"
     assert reached <= on_disk
     assert {"data", "model", "trainer"} <= set(GROUPS)  # discovery found the groups at all
+
+
+def test_callback_settings_without_the_callback_stop_with_one_clear_error(capsys):
+    """An overlay's settings for a callback absent from the chosen list (callbacks=[ema,throughput] over an overlay
+    that tunes `samples`) stop with one line naming the key, its settings and the chosen callbacks."""
+    from flowmatch.entry import instantiate_all
+
+    group = OmegaConf.create(
+        {"throughput": {"_target_": "flowmatch.callbacks.throughput.Throughput"}, "samples": {"every_n_steps": 5}}
+    )
+    with pytest.raises(SystemExit) as exc:
+        instantiate_all(group, "callbacks")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "callbacks.samples" in err and "every_n_steps" in err and "throughput" in err

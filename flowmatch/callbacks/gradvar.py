@@ -92,9 +92,10 @@ class GradientVarianceCallback(L.Callback):
 
     def draw_fixed(self, coupling, interpolant, rank: int = 0) -> PathSample:
         """The fixed part of the probe (x0, x1, t, eps and, for the interpolant and pairs sources, x_t, u_t),
-        from the ``probe`` random stream of this rank, so ranks probe disjoint samples."""
+        from the ``probe`` random stream of this rank, so ranks probe disjoint samples. Kept on the CPU (image data
+        may live on the GPU, Gaussian sources on the CPU); :meth:`probe` moves it to the module's device."""
         g = generator(self.seed, "probe", rank)
-        x0, x1 = self._pairs(coupling, self.n_per_bin * self.K, g)
+        x0, x1 = (x.cpu() for x in self._pairs(coupling, self.n_per_bin * self.K, g))
         t = gv.stratified_times(self.n_per_bin, self.edges, g).float()
         eps = interpolant.sample_eps(x0, g)
         return interpolant(x0, x1, t, eps)
