@@ -41,6 +41,14 @@ FP32_FRACTION = 0.5  # probes run in float32 (TF32 tensor cores): about half the
 PROBE_OVERHEAD = 3.0  # exact per-sample gradients cost about 3 plain forward+backward passes per sample (assumed)
 ADAPTIVE_NFE = 100  # dopri5 velocity evaluations assumed for an adaptive evaluation solver
 
+# Measured on one NVIDIA H200 (torch 2.11, bf16-mixed) on 2026-12-04 by scripts/paper_scale_check.sh (200 steps on
+# synthetic images of the same shape, STEPS=200 PROBE_REPEATS=1; numbers in REPRODUCTION.md, "Paper scale"):
+# train.py's steps/s with the overlay's own callbacks (EMA; probes not firing in the window) and seconds per probe.
+# table3_paper has the model, resolution and batch of table2_paper: its steps/s are table2_paper's (not measured).
+MEASURED_GPU = "H200"
+MEASURED_STEPS_PER_S = {"table2_paper": 5.76, "table3_paper": 5.76, "fig-gradvar_paper": 6.99}
+MEASURED_PROBE_S = {"fig-gradvar_paper": {"gradvar": 1.19, "gradvar_integrated": 7.28}, "table2_paper": {}}
+
 CPU_ITEMS = [
     ("lemma1", 1, "Lemma 1: dopri5 through the closed-form fields; MLP fit error vs width"),
     ("prop1", 2, "Prop. 1: zero loss/variance of pair-optimal fields at sigma = 0"),
@@ -145,6 +153,24 @@ def count_flops(cfg) -> tuple[float, float, int]:
     return f_f, f_fb, sum(p.numel() for p in model.parameters())
 
 
+def n_probes(steps: int, every: int) -> int:
+    """Probes of one job: at step 0, every ``every`` steps, and at the end when it is not a multiple."""
+    return steps // every + 1 + (steps % every != 0)
+
+
+def measured_hours(overlay: str, cfg) -> float | None:
+    """GPU-hours of one job from the measured steps/s and probe seconds (None when this overlay was not measured;
+    evaluation not included)."""
+    if overlay not in MEASURED_STEPS_PER_S:
+        return None
+    steps = int(cfg.trainer.max_steps)
+    secs = steps / MEASURED_STEPS_PER_S[overlay]
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if name in MEASURED_PROBE_S.get(overlay, {}):
+            secs += n_probes(steps, int(node.every_n_steps)) * MEASURED_PROBE_S[overlay][name]
+    return secs / 3600
+
+
 def probe_flops(cfg, f_f: float, f_fb: float) -> tuple[float, str]:
     """FLOPs of every gradient-variance probe of one job (float32), with a one-line breakdown."""
     total, parts = 0.0, []
@@ -153,13 +179,13 @@ def probe_flops(cfg, f_f: float, f_fb: float) -> tuple[float, str]:
         if not str(node.get("_target_", "")).endswith("GradientVarianceCallback"):
             continue
         every, size = int(node.every_n_steps), int(node.probe_size)
-        n_probes = steps // every + 1 + (steps % every != 0)
+        count = n_probes(steps, every)
         per = size * f_fb * PROBE_OVERHEAD
         if node.get("source") == "integrated":
             per += size * int(node.ode_steps) * f_f
-        total += n_probes * per
+        total += count * per
         parts.append(
-            f"{name}: {n_probes} probes x {size} samples"
+            f"{name}: {count} probes x {size} samples"
             + (f", {node.ode_steps} Euler steps" if node.get("source") == "integrated" else "")
         )
     return total, "; ".join(parts) or "none"
@@ -216,6 +242,13 @@ def gpu_plan(item: GpuItem) -> list[str]:
             f"     estimate on {gpu} (assumed {tflops:.0f} TFLOP/s sustained bf16): {secs / 3600:.1f} GPU-h per job, "
             f"{jobs * secs / 3600:.0f} GPU-h in all"
         )
+    hours = measured_hours(item.overlay, cfg)
+    if hours is not None:
+        lines.append(
+            f"     MEASURED on an {MEASURED_GPU} ({MEASURED_STEPS_PER_S[item.overlay]:.2f} steps/s incl. EMA, probes "
+            f"at their measured cost; evaluation not included): {hours:.1f} GPU-h per job, "
+            f"{jobs * hours:.0f} GPU-h in all"
+        )
     return lines
 
 
@@ -227,7 +260,7 @@ def main() -> None:
     print(
         f"(A100 {SUSTAINED_TFLOPS['A100']:.0f}, H100 {SUSTAINED_TFLOPS['H100']:.0f} TFLOP/s bf16; probes in float32 at "
         f"{FP32_FRACTION:g}x that; per-sample gradients {PROBE_OVERHEAD:g}x a forward+backward). Measure with "
-        "scripts/paper_scale_check.sh.\n"
+        "scripts/paper_scale_check.sh;\nwhere it was run (an H200, 2026-12-04) the MEASURED line is the better guide.\n"
     )
     rows = [(n, f"[{n:>2}] {name}: CPU only, no GPU needed — {what}\n     make {name}") for name, n, what in CPU_ITEMS]
     for item in GPU_ITEMS:

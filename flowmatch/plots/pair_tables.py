@@ -98,9 +98,13 @@ def _grid(ax, row: dict, partner_label: str, title: str) -> None:
     ax.set_xticks([])
 
 
-def plot_pair_table(rows: list[dict], group_key: str, group_name, partner_label: str, title: str, out: Path) -> None:
+def plot_pair_table(
+    rows: list[dict], group_key: str, group_name, partner_label: str, title: str, out: Path, grid_name=None
+) -> None:
     """Top: one bar panel per group (``group_key`` value, named by ``group_name(value)``); below: the final pair
-    grid of every run, one row of grids per group, one column per sigma."""
+    grid of every run, one row of grids per group, one column per sigma (titled ``grid_name(value)``, default
+    ``group_name``, and sigma)."""
+    grid_name = grid_name or group_name
     groups = sorted({r[group_key] for r in rows})
     sigmas = sorted({r["sigma"] for r in rows})
     fig = plt.figure(
@@ -115,7 +119,7 @@ def plot_pair_table(rows: list[dict], group_key: str, group_name, partner_label:
         for si, s in enumerate(sigmas):
             match = [r for r in rows if r[group_key] == g and r["sigma"] == s]
             if match:
-                _grid(grid_axes[gi, si], match[0], partner_label, f"{group_name(g)}, σ = {s:g}")
+                _grid(grid_axes[gi, si], match[0], partner_label, f"{grid_name(g)}, σ = {s:g}")
             else:
                 grid_axes[gi, si].axis("off")
     fig.suptitle(title, fontsize=10)

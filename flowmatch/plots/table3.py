@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         "(mean ± std over sources)\nexpected: σ = 0 nearer its generated target (memorization), σ = 0.05 moves "
         "toward the OT partner within the generated set",
         out / "table3.png",
+        grid_name=lambda n: f"{n} generated pairs",
     )
     print(f"flowmatch: table3 figure, CSVs and summary in {out}")
 
