@@ -14,13 +14,17 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from flowmatch.entry import (
+    batch_protocol,
     build,
+    describe_batch,
     fail,
     instantiate_all,
     preflight,
+    refuse_sharded,
     run_evaluation,
     set_threads,
     user_errors,
@@ -52,6 +56,7 @@ def main(cfg: DictConfig) -> dict:
         eval_options = instantiate(cfg.eval)
         module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         callbacks = instantiate_all(cfg.callbacks, "callbacks")
+        refuse_sharded(cfg.trainer.get("strategy", "auto"), dict(zip(cfg.callbacks, callbacks)), eval_options.enabled)
         for cb in callbacks:  # a callback may check its settings against the data before training
             if hasattr(cb, "validate"):
                 cb.validate(datamodule=datamodule, module=module)
@@ -64,13 +69,16 @@ def main(cfg: DictConfig) -> dict:
         )
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
         ckpt_path = _resolve_ckpt(cfg.ckpt_path, ckpt_dir)
-    n_params = sum(p.numel() for p in module.model.parameters())
-    print(f"flowmatch: {type(module.model).__name__} with {n_params:,} parameters; run dir {run_dir}")
+    batch = (datamodule.batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
+    if rank_zero_only.rank == 0:
+        n_params = sum(p.numel() for p in module.model.parameters())
+        print(f"flowmatch: {type(module.model).__name__} with {n_params:,} parameters; run dir {run_dir}")
+        print(describe_batch(*batch, lr=cfg.optimizer.get("lr")))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return {}
-    metrics = {metric("train/global_step"): float(trainer.global_step)}
+    metrics = {metric("train/global_step"): float(trainer.global_step), **batch_protocol(*batch)}
     for key in (metric("train/loss"), metric("val/loss")):
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])

@@ -163,3 +163,51 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+LR_RULE = "none: lr is used as given"
+"""The learning-rate rule across global batch sizes (``protocol/lr_rule``): no scaling with the batch."""
+
+
+def batch_protocol(per_device: int, devices: int, nodes: int, accumulate: int) -> dict:
+    """The batch semantics of a run: ``data.batch_size`` is per device (process), so the effective global batch of
+    one optimizer step is per_device x devices x nodes x accumulate_grad_batches; ``protocol/`` keys of
+    metrics.json (``protocol/global_batch_size``, ``protocol/world_size``, ``protocol/lr_rule``)."""
+    from flowmatch.keys import metric
+
+    world = int(devices) * int(nodes)
+    return {
+        metric("protocol/global_batch_size"): float(int(per_device) * world * int(accumulate)),
+        metric("protocol/world_size"): float(world),
+        metric("protocol/lr_rule"): LR_RULE,
+    }
+
+
+def describe_batch(per_device: int, devices: int, nodes: int, accumulate: int, lr) -> str:
+    """The start-of-training line that states the batch semantics and the learning-rate rule."""
+    glob = int(per_device) * int(devices) * int(nodes) * int(accumulate)
+    return (
+        f"flowmatch: global batch {glob} = data.batch_size {per_device} per device x {devices} device(s) x "
+        f"{nodes} node(s) x accumulate_grad_batches {accumulate}; learning rate {lr} ({LR_RULE})"
+    )
+
+
+SHARDED_OK = ("Throughput", "ModelCheckpoint")
+"""Callbacks that run under a sharded strategy (fsdp); the others need the whole model on one rank."""
+
+
+def refuse_sharded(strategy, chosen: dict, eval_enabled: bool) -> None:
+    """Stop with one error line when ``trainer.strategy`` shards the parameters (fsdp) and a chosen callback
+    (``{config key: object}``) or the end-of-training evaluation needs the whole model on one rank (the EMA copy,
+    per-sample gradients, sampling on rank 0)."""
+    if "fsdp" not in str(strategy).lower():
+        return
+    bad = [f"callbacks.{name}" for name, cb in chosen.items() if type(cb).__name__ not in SHARDED_OK]
+    if eval_enabled:
+        bad.append("eval.enabled=true")
+    if bad:
+        fail(
+            f"trainer.strategy={strategy} shards the parameters across ranks, but {', '.join(bad)} need(s) the "
+            "whole model on one rank; with fsdp use callbacks=throughput (or none) and eval.enabled=false "
+            "(evaluate the checkpoint with evaluate.py afterwards), or use trainer=ddp"
+        )

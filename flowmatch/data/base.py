@@ -9,19 +9,33 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from flowmatch.couplings import Coupling
 from flowmatch.direction import apply_direction
 from flowmatch.evaluation import EvalSetup
+from flowmatch.global_ot import global_ot_pair, world
 from flowmatch.streams import generator, stream_seed
 
 
 class PairStream(IterableDataset):
-    """An endless stream of coupled batches ``(x0, x1)``, each of ``batch_size`` pairs."""
+    """An endless stream of coupled batches ``(x0, x1)``, each of ``batch_size`` pairs.
+
+    With a coupling whose ``global_ot`` is true, each batch is drawn unpaired (``draw_independent``) and paired by
+    one OT assignment over the union of every DDP rank's batch (:func:`flowmatch.global_ot.global_ot_pair`, a
+    collective: every rank's stream yields in step)."""
 
     def __init__(self, coupling: Coupling, batch_size: int, seed: int) -> None:
         self.coupling, self.batch_size, self.seed = coupling, int(batch_size), int(seed)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed)  # the seed of this rank's "train" stream
+        if not getattr(self.coupling, "global_ot", False):
+            while True:
+                yield self.coupling.sample(self.batch_size, g)
+        rank, size = world()
+        if rank == 0 and size > 1:
+            print(
+                f"flowmatch: coupling.global_ot: one OT assignment per step over the union of {size} ranks' "
+                f"batches ({size} x {self.batch_size} pairs)"
+            )
         while True:
-            yield self.coupling.sample(self.batch_size, g)
+            yield global_ot_pair(*self.coupling.draw_independent(self.batch_size, g))
 
 
 class FlowDataModule(L.LightningDataModule):
