@@ -101,9 +101,11 @@ class FlowMatchingModule(L.LightningModule):
         x0, x1 = batch
         t, eps = self.draw_t_eps(x0)
         loss = per_sample_loss(self.train_model(), self.interpolant(x0, x1, t, eps)).mean()
-        # Logging every step costs more than a small MLP step; log at the logger's cadence.
+        # Logging every step costs more than a small MLP step; log at the logger's cadence. A CPU copy: Lightning
+        # reads progress-bar values with .item() after *every* batch (the last logged one until the next), which on
+        # a GPU tensor would synchronise the device each step; the copy synchronises once per log_every steps.
         if self.global_step % self.log_every == 0:
-            self.log(metric("train/loss"), loss.detach(), prog_bar=True)
+            self.log(metric("train/loss"), loss.detach().cpu(), prog_bar=True)
         return loss
 
     def _held_out_step(self, batch, prefix: str) -> None:

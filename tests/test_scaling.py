@@ -115,21 +115,18 @@ def test_global_ot_under_two_gloo_ranks_equals_single_process_ot_of_the_union(tm
 
 @pytest.mark.slow
 def test_ddp_cpu_training_with_global_ot(tmp_path):
-    """train.py trainer=ddp_cpu coupling=ot coupling.global_ot=true: trains, rank 0 alone prints the start lines
-    and writes metrics.json with the global batch of 2 processes."""
+    """train.py trainer=ddp_cpu coupling=ot coupling.global_ot=true callbacks=[ema,throughput]: trains; rank 0 alone
+    prints the start lines and writes metrics.json with the global batch of 2 processes; the EMA copy is of the raw
+    network (its state_dict keys are the model's, no DDP ``module.`` prefix)."""
     proc = run_entry(
-        "train.py",
-        *TINY,
-        "trainer=ddp_cpu",
-        "coupling=ot",
-        "coupling.global_ot=true",
-        "callbacks=throughput",
-        "callbacks.throughput.warmup_steps=1",
-        f"hydra.run.dir={tmp_path}",
-        timeout=600,
-    )
+        "train.py", *TINY, "trainer=ddp_cpu", "coupling=ot", "coupling.global_ot=true", "callbacks=[ema,throughput]",
+        "callbacks.throughput.warmup_steps=1", f"hydra.run.dir={tmp_path}", timeout=600,
+    )  # fmt: skip
     m = read_metrics(tmp_path)
     assert m["protocol/global_batch_size"] == 16 and m["protocol/world_size"] == 2 and m["train/global_step"] == 4
     assert proc.stdout.count("flowmatch: global batch 16 = data.batch_size 8 per device x 2 device(s)") == 1
     assert proc.stdout.count("coupling.global_ot: one OT assignment per step over the union of 2 ranks") == 1
     assert (tmp_path / "throughput.json").exists()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    ema = next(v["ema_state_dict"] for v in ckpt["callbacks"].values() if "ema_state_dict" in v)
+    assert sorted(ema) == sorted(k.removeprefix("model.") for k in ckpt["state_dict"])
