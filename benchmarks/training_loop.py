@@ -5,7 +5,7 @@ optimizer and scheduler, same training stream; trainer=cpu, float32, no callback
 
 - ``mlp256``: MLP 3x256 on 2-D Gaussian data, CFM sigma 0.05, independent coupling, batch 256;
 - ``mlp2048``: the same at batch 2048;
-- ``unet_digits``: the small ``unet`` model (base 32, ~0.2 M parameters at 8x8x1) on the 8x8 digits, batch 64.
+- ``unet_digits``: the small ``unet`` model (base 32, 0.65 M parameters at 8x8x1) on the 8x8 digits, batch 64.
 
 The two loops alternate (Lightning first in even rounds) so machine noise hits both; prints per round and the
 median ratio lightning/bare of steps per second per case.
