@@ -1,7 +1,7 @@
 """GPU throughput: the Lightning training loop vs a bare PyTorch loop on the same model, bf16 autocast on and off,
 ``torch.compile`` on and off, and the gradient-variance probe's cost relative to a training step.
 
-    python benchmarks/gpu_loop.py [--out JSON] [--steps 50] [--warmup 15] [--rounds 3]
+    python benchmarks/gpu_loop.py [--out JSON] [--steps 40] [--warmup 10] [--rounds 2]
         [--precision bf16-mixed,32-true] [--compile false,true] [--probe-size 400] [train.py overrides ...]
 
 Default run: ``unet_cifar`` (35.7 M parameters) on CIFAR-shaped random tensors (``data=random_images``, on the
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--precision", default="bf16-mixed,32-true")
     ap.add_argument("--compile", default="false,true")
     ap.add_argument("--probe-size", type=int, default=400, help="0: no probe timing")

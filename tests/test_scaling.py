@@ -16,6 +16,7 @@ from helpers import ROOT, read_metrics, run_entry
 from flowmatch.couplings import OTCoupling
 from flowmatch.data import GaussianDataModule
 from flowmatch.entry import batch_protocol
+from flowmatch.global_ot import global_ot_pair
 from flowmatch.streams import stream_seed
 
 TINY = [
@@ -55,6 +56,15 @@ def test_fsdp_refuses_what_needs_the_whole_model(tmp_path, extra):
     named = "callbacks.gradvar" if extra[0] == "callbacks=gradvar" else "eval.enabled=true"
     assert "trainer.strategy=fsdp" in errors[0] and named in errors[0] and "trainer=ddp" in errors[0]
     assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_global_ot_without_a_process_group_is_the_batch_ot():
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(12, 3, generator=g), torch.randn(12, 3, generator=g)
+    a, b = global_ot_pair(x0, x1)
+    assert torch.equal(a, x0) and torch.equal(b, OTCoupling().pair(x0, x1)[1])
+    with pytest.raises(ValueError, match="coupling.global_ot must be true or false, got 'yes'"):
+        OTCoupling(global_ot="yes")
 
 
 def _truth_pairs(ranks: int, batch: int, steps: int, dim: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
