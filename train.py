@@ -27,17 +27,30 @@ from flowmatch.entry import (
     write_json,
 )
 from flowmatch.keys import metric
+from flowmatch.resume import ExactResume
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
 def _resolve_ckpt(ckpt_path, ckpt_dir: Path):
-    if ckpt_path in (None, "last"):
-        last = ckpt_dir / "last.ckpt"
-        return str(last) if ckpt_path == "last" and last.exists() else ckpt_path
+    """The checkpoint to resume from: a file; ``last`` (this run dir's ``checkpoints/last.ckpt``, which must exist);
+    ``auto`` (that file when it exists, else a fresh start: requeued or re-run sweep jobs); None (fresh)."""
+    last = ckpt_dir / "last.ckpt"
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "auto":
+        return str(last) if last.exists() else None
+    if ckpt_path == "last":
+        if not last.exists():
+            fail(
+                f"ckpt_path=last: there is no {last} to resume. Resume a run in its own directory: "
+                f"`python train.py hydra.run.dir=RUN_DIR ckpt_path=last` (the overrides of the first run too), "
+                "or give a checkpoint file, or ckpt_path=auto (resume when there is one, else start fresh)"
+            )
+        return str(last)
     if not Path(ckpt_path).exists():
-        fail(f"ckpt_path={ckpt_path!r} does not exist (give a checkpoint file, or `last`)")
+        fail(f"ckpt_path={ckpt_path!r} does not exist (give a checkpoint file, `last` or `auto`)")
     return ckpt_path
 
 
@@ -57,6 +70,8 @@ def main(cfg: DictConfig) -> dict:
                 cb.validate(datamodule=datamodule, module=module)
         loggers = instantiate_all(cfg.logger, "logger")
         ckpt_dir = run_dir / "checkpoints"
+        # first, so each batch's random state is set before any other callback's batch hooks (flowmatch/resume.py)
+        callbacks.insert(0, ExactResume())
         callbacks.append(
             ModelCheckpoint(
                 dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint.every_n_train_steps

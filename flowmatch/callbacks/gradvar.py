@@ -168,6 +168,18 @@ class GradientVarianceCallback(L.Callback):
                 writer.writeheader()
             writer.writerows(rows)
 
+    # --- checkpoints: a resumed run does not probe again the step its checkpoint was probed at ---------------
+    @property
+    def state_key(self) -> str:
+        """One key per probe (its CSV file): several probes in one run keep separate states."""
+        return self._generate_state_key(filename=self.filename)
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_step = int(state_dict.get("last_step", -1))
+
     # --- hooks ------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
         self._record(trainer, pl_module)
