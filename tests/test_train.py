@@ -138,6 +138,8 @@ def test_backward_direction_and_reflow(tmp_path):
     "override,expected",
     [
         ("interpolant=foo", ["interpolant", "bridge", "cfm", "linear"]),
+        ("hydra/launcher=slrum", ["hydra/launcher", "slrum", "slurm", "joblib_cpu", "submitit_local"]),
+        ("hydra/launcher=slurm hydra.launcher.partiton=gpu", ["hydra.launcher.partiton", "partition", "setup"]),
         ("interpolant.sigmaa=0.1", ["interpolant.sigmaa", "sigma"]),
         ("interpolant=cfm interpolant.sigma=-0.5", ["interpolant.sigma", ">= 0"]),
         ("data.dim=0", ["data.dim", ">= 1"]),
