@@ -14,7 +14,7 @@ saves it to wandb and prints its URL. Runs are grouped by σ (``interpolant.sigm
 
 Every key comes from :mod:`flowmatch.keys` (the callbacks' own names). The number of bins and the memorization
 probe's Euler step counts default to ``conf/callbacks/{gradvar,memorization}.yaml``. Outside the math core:
-it imports ``wandb_workspaces`` (pyproject extra ``dashboard``), which imports wandb.
+it imports ``wandb_workspaces`` (a dependency in pyproject.toml), which imports wandb, and only here.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def config_key(path: str) -> str:
     return f"config.value.{path}"
 
 
-def _line(ws_reports, title: str, keys: list[str], log_y: bool = False):
-    return ws_reports.LinePlot(title=title, x=STEP, y=keys, log_y=log_y or None)
+def _line(wr, title: str, keys: list[str], log_y: bool = False):
+    """A line plot of `keys` against the training step."""
+    return wr.LinePlot(title=title, x=STEP, y=keys, log_y=log_y or None)
 
 
 def gradvar_sections(wr, ws, bins: int) -> list:
