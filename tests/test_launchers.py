@@ -10,6 +10,8 @@ import sys
 import pytest
 import yaml
 from helpers import ROOT, read_metrics, run_entry
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from submitit.core.utils import DelayedSubmission
 
 FAST = ["debug=fast", "interpolant=cfm"]
@@ -67,6 +69,20 @@ def test_slurm_script_of_a_two_job_sweep(tmp_path):
         "interpolant.sigma=0.0",
         "interpolant.sigma=0.05",
     ]
+
+
+@pytest.mark.parametrize("primary", ["train", "evaluate"])
+def test_default_dirs_of_two_launches_in_one_second_differ(primary):
+    """The default run and sweep dirs carry microseconds; a sweep's job dirs start with the job number."""
+    dirs = []
+    for _ in range(2):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            hydra_cfg = compose(primary, return_hydra_config=True).hydra
+            dirs.append((OmegaConf.select(hydra_cfg, "run.dir"), OmegaConf.select(hydra_cfg, "sweep.dir")))
+            subdir = OmegaConf.to_container(hydra_cfg.sweep, resolve=False)["subdir"]
+            assert subdir.startswith("${hydra.job.num}_")
+    assert dirs[0][0] != dirs[1][0] and dirs[0][1] != dirs[1][1]
+    assert dirs[0][0][:-7] == dirs[1][0][:-7] or dirs[0][0] < dirs[1][0]  # same second (almost always), later
 
 
 @pytest.mark.slow
