@@ -4,7 +4,8 @@ Code never spells a key itself: it calls :func:`metric` (or :func:`gradvar_key`)
 not registered here, and ``docs/DESIGN.md`` lists exactly these keys (``tests/test_design_doc.py`` checks it).
 Keys are namespaced with ``/``: ``train/`` and ``val/`` from training, ``eval/`` from the evaluation of the
 learned flow (end of training and ``evaluate.py``), ``protocol/`` describing how the ``eval/`` numbers were
-made, ``gradvar/`` from the gradient-variance callback, ``mem/`` from the memorization callback.
+made, ``gradvar/`` from the gradient-variance callback, ``mem/`` from the memorization callback; :data:`MEDIA` are
+the images sent to loggers that take them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ __all__ = [
     "EULER_ONLY",
     "GRADVAR",
     "MEM_BIN",
+    "MEDIA",
     "metric",
+    "media_key",
     "gradvar_key",
     "mem_key",
     "all_keys",
@@ -92,6 +95,13 @@ MEM_BIN: dict[str, str] = {
 }
 MEM_BIN_PATTERN = "mem/bin_XX/{stat}"
 
+MEDIA: dict[str, str] = {
+    "gradvar/heatmap": "image, loggers that take images (wandb): gradvar_heatmap.png (log10 gradient variance per time "
+    "bin x training step) at the end of training",
+    "mem/figure": "image, loggers that take images (wandb): memorization.png at the end of training",
+}
+"""Images sent to the loggers (``log_image``), never to metrics.json."""
+
 
 def metric(name: str, euler_steps: int | None = None) -> str:
     """The registered key ``name``, with ``@euler{K}`` appended when ``euler_steps`` = K is given."""
@@ -115,6 +125,13 @@ def gradvar_key(k: int, stat: str) -> str:
     return f"gradvar/bin_{int(k):02d}/{stat}"
 
 
+def media_key(name: str) -> str:
+    """The registered image key ``name`` (:data:`MEDIA`)."""
+    if name not in MEDIA:
+        raise KeyError(f"image key {name!r} is not registered in flowmatch.keys.MEDIA")
+    return name
+
+
 def mem_key(k: int, stat: str) -> str:
     """``mem/bin_{k:02d}/{stat}`` for stat in :data:`MEM_BIN`."""
     if stat not in MEM_BIN:
@@ -124,10 +141,11 @@ def mem_key(k: int, stat: str) -> str:
 
 def all_keys() -> list[str]:
     """Every documented key pattern: the plain keys, ``KEY@euler{K}`` for the suffixed and Euler-only ones, the
-    gradvar and memorization per-bin ones."""
+    gradvar and memorization per-bin ones, the images."""
     return (
         list(METRICS)
         + [k + EULER_SUFFIX for k in (*SUFFIXED, *EULER_ONLY)]
         + [GRADVAR_PATTERN.format(stat=s) for s in GRADVAR]
         + [MEM_BIN_PATTERN.format(stat=s) for s in MEM_BIN]
+        + list(MEDIA)
     )
