@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 OUT     ?= outputs/demo
 export WANDB_MODE ?= offline
 
-.PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check clean \
+.PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check dashboard clean \
         figures figures-fast figures-paper lemma1 prop1 fig4 fig5 fig6 prop2 table1 memorization \
         table2 table3 lemma2 fig-gradvar fig-stability
 
@@ -247,6 +247,11 @@ fig-stability: install  ## Item 11: forward vs backward flows: endpoint error vs
 	$(EVAL_SWEEP) experiment=paper/$@_eval_digits ckpt_path=$(call CKPTS,digits) \
 	  $(call pick,,$(FIG_STABILITY_EVAL_FAST)) hydra.sweep.dir=$(RUNS)/$@/stability/digits
 	$(PLOT)
+
+dashboard: install  ## wandb workspace of a gradient-variance sweep: ENTITY=... PROJECT=... [SWEEP=wandb group] (network)
+	@test -n "$(ENTITY)" -a -n "$(PROJECT)" || { echo "error: make dashboard needs ENTITY=<wandb entity> \
+	and PROJECT=<wandb project> (SWEEP=<group> optional), got ENTITY='$(ENTITY)' PROJECT='$(PROJECT)'" >&2; exit 2; }
+	$(BIN)/python -m flowmatch.dashboard --entity "$(ENTITY)" --project "$(PROJECT)" $(if $(SWEEP),--sweep "$(SWEEP)")
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf outputs multirun

@@ -29,12 +29,11 @@ def fail(message: str) -> None:
 
 
 def _first_values(args: list[str]) -> list[str] | None:
-    """The command-line overrides with every sweep reduced to its first value (None: can't)."""
+    """The command-line overrides (Hydra's own included: the launcher) with every sweep reduced to its first value
+    (None: can't)."""
     parser = OverridesParser.create()
     out = []
     for ov in parser.parse_overrides([a for a in args if not a.startswith("-")]):
-        if ov.key_or_group.startswith("hydra"):
-            continue
         if ov.is_sweep_override():
             try:
                 first = next(iter(ov.sweep_string_iterator()))
@@ -52,7 +51,7 @@ def _explain_unknown_key(config_name: str, overrides: list[str], bad: str) -> st
     others = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == bad]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         try:
-            cfg = compose(config_name, overrides=others)
+            cfg = compose(config_name, overrides=others, return_hydra_config=True)
         except Exception:
             return f"unknown config key '{bad}'"
     parent, _, _ = bad.rpartition(".")
@@ -79,7 +78,7 @@ def preflight(config_name: str, argv: list[str] | None = None) -> None:
         return
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name, overrides=overrides)
+            compose(config_name, overrides=overrides, return_hydra_config=True)
     except MissingConfigException as exc:
         fail(" ".join(str(exc).split("Config search path")[0].split()))
     except ConfigCompositionException as exc:

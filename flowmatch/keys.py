@@ -5,7 +5,8 @@ not registered here, and ``docs/DESIGN.md`` lists exactly these keys (``tests/te
 Keys are namespaced with ``/``: ``train/`` and ``val/`` from training, ``eval/`` from the evaluation of the
 learned flow (end of training and ``evaluate.py``), ``protocol/`` describing how the ``eval/`` numbers were
 made and the batch semantics of training (global batch, processes, learning-rate rule), ``gradvar/`` from the
-gradient-variance callback, ``mem/`` from the memorization callback.
+gradient-variance callback, ``mem/`` from the memorization callback; :data:`MEDIA` are the images sent to loggers
+that take them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ __all__ = [
     "EULER_ONLY",
     "GRADVAR",
     "MEM_BIN",
+    "MEDIA",
     "metric",
+    "media_key",
     "gradvar_key",
     "mem_key",
     "all_keys",
@@ -97,6 +100,13 @@ MEM_BIN: dict[str, str] = {
 }
 MEM_BIN_PATTERN = "mem/bin_XX/{stat}"
 
+MEDIA: dict[str, str] = {
+    "gradvar/heatmap": "image, loggers that take images (wandb): gradvar_heatmap.png (log10 gradient variance per time "
+    "bin x training step) at the end of training",
+    "mem/figure": "image, loggers that take images (wandb): memorization.png at the end of training",
+}
+"""Images sent to the loggers (``log_image``), never to metrics.json."""
+
 
 def metric(name: str, euler_steps: int | None = None) -> str:
     """The registered key ``name``, with ``@euler{K}`` appended when ``euler_steps`` = K is given."""
@@ -120,6 +130,13 @@ def gradvar_key(k: int, stat: str) -> str:
     return f"gradvar/bin_{int(k):02d}/{stat}"
 
 
+def media_key(name: str) -> str:
+    """The registered image key ``name`` (:data:`MEDIA`)."""
+    if name not in MEDIA:
+        raise KeyError(f"image key {name!r} is not registered in flowmatch.keys.MEDIA")
+    return name
+
+
 def mem_key(k: int, stat: str) -> str:
     """``mem/bin_{k:02d}/{stat}`` for stat in :data:`MEM_BIN`."""
     if stat not in MEM_BIN:
@@ -129,10 +146,11 @@ def mem_key(k: int, stat: str) -> str:
 
 def all_keys() -> list[str]:
     """Every documented key pattern: the plain keys, ``KEY@euler{K}`` for the suffixed and Euler-only ones, the
-    gradvar and memorization per-bin ones."""
+    gradvar and memorization per-bin ones, the images."""
     return (
         list(METRICS)
         + [k + EULER_SUFFIX for k in (*SUFFIXED, *EULER_ONLY)]
         + [GRADVAR_PATTERN.format(stat=s) for s in GRADVAR]
         + [MEM_BIN_PATTERN.format(stat=s) for s in MEM_BIN]
+        + list(MEDIA)
     )

@@ -45,6 +45,7 @@ LIGHTNING = [
     "flowmatch.callbacks.ema",
     "flowmatch.callbacks.samples",
     "flowmatch.callbacks.memorization",
+    "flowmatch.callbacks.media",
 ]
 
 # Imports the modules one after another in a fresh interpreter and names the first that pulls in a

@@ -121,7 +121,8 @@ def test_figures_paper_prints_every_item():
     gradvar = out.split("] fig-gradvar:")[1].split("\n[")[0]
     assert "experiment=paper/fig-gradvar_paper" in gradvar and "jobs: 12" in gradvar
     hours = [float(line.split("GPU-h per job")[0].split(":")[-1]) for line in gradvar.splitlines() if "GPU-h" in line]
-    assert len(hours) == 2 and all(h > 0 and math.isfinite(h) for h in hours)
+    assert len(hours) == 3 and all(h > 0 and math.isfinite(h) for h in hours)  # A100, H100 estimates; H200 measured
+    assert "MEASURED on an H200" in gradvar
     assert "ESTIMATE" in out
 
 

@@ -138,6 +138,8 @@ def test_backward_direction_and_reflow(tmp_path):
     "override,expected",
     [
         ("interpolant=foo", ["interpolant", "bridge", "cfm", "linear"]),
+        ("hydra/launcher=slrum", ["hydra/launcher", "slrum", "slurm", "joblib_cpu", "submitit_local"]),
+        ("hydra/launcher=slurm hydra.launcher.partiton=gpu", ["hydra.launcher.partiton", "partition", "setup"]),
         ("interpolant.sigmaa=0.1", ["interpolant.sigmaa", "sigma"]),
         ("interpolant=cfm interpolant.sigma=-0.5", ["interpolant.sigma", ">= 0"]),
         ("data.dim=0", ["data.dim", ">= 1"]),
@@ -166,43 +168,6 @@ def test_wandb_offline_logger(tmp_path):
     )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and "eval/w2" in read_metrics(tmp_path)
-
-
-@pytest.mark.slow
-def test_multirun_sweep_each_job_own_wandb_run(tmp_path):
-    run_entry(
-        "train.py",
-        "-m",
-        *FAST,
-        "logger=wandb",
-        "interpolant=cfm",
-        "interpolant.sigma=0.0,0.05",
-        f"hydra.sweep.dir={tmp_path}",
-        "hydra.sweep.subdir=s${interpolant.sigma}",
-        timeout=600,
-        env={"WANDB_MODE": "offline"},
-    )
-    for sub in ("s0.0", "s0.05"):
-        assert len(list((tmp_path / sub / "wandb").glob("offline-run-*"))) == 1
-        assert "eval/mmd_gen" in read_metrics(tmp_path / sub)
-
-
-@pytest.mark.slow
-def test_submitit_local_sweep(tmp_path):
-    run_entry(
-        "train.py",
-        "-m",
-        *FAST,
-        "interpolant=cfm",
-        "interpolant.sigma=0.0,0.05",
-        "hydra/launcher=submitit_cpu",
-        f"hydra.sweep.dir={tmp_path}",
-        "hydra.sweep.subdir=s${interpolant.sigma}",
-        timeout=600,
-    )
-    for sub in ("s0.0", "s0.05"):
-        assert read_metrics(tmp_path / sub)["train/global_step"] == 20.0
-    assert (tmp_path / ".submitit").exists()
 
 
 def test_gmm_bridge_ot_rk4(tmp_path):

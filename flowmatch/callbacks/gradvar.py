@@ -7,7 +7,8 @@ DDP ranks (so the result equals one process on the union of the ranks' probes), 
 ``gradvar/bin_{k:02d}/{var,sqnorm,loss}`` to every logger (unless ``log`` is false: a second probe in the same
 run writes only its CSV, so the logged keys stay those of one probe), appends rows to ``gradvar.csv`` in the
 run dir (with ``groups``: per-parameter-group rows in ``gradvar_groups.csv``) and, at the end, draws
-``gradvar_heatmap.png`` and ``gradvar_profile.png``.
+``gradvar_heatmap.png`` and ``gradvar_profile.png`` and sends the heatmap to the loggers that take images
+(``gradvar/heatmap``, unless ``log`` is false).
 
 Probe sources (``source``):
 - ``interpolant``: seeded pairs from the coupling, eps and stratified t, fixed for the whole run;
@@ -29,8 +30,9 @@ import torch
 from torch import Tensor
 
 from flowmatch import gradvar as gv
+from flowmatch.callbacks.media import log_image
 from flowmatch.interpolants import PathSample
-from flowmatch.keys import gradvar_key
+from flowmatch.keys import gradvar_key, media_key
 from flowmatch.sampling import Solver
 from flowmatch.streams import generator
 
@@ -168,6 +170,18 @@ class GradientVarianceCallback(L.Callback):
                 writer.writeheader()
             writer.writerows(rows)
 
+    # --- checkpoints: a resumed run does not probe again the step its checkpoint was probed at ---------------
+    @property
+    def state_key(self) -> str:
+        """One key per probe (its CSV file): several probes in one run keep separate states."""
+        return self._generate_state_key(filename=self.filename)
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_step = int(state_dict.get("last_step", -1))
+
     # --- hooks ------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
         self._record(trainer, pl_module)
@@ -181,4 +195,6 @@ class GradientVarianceCallback(L.Callback):
         if self.plot and trainer.is_global_zero and self._csv_path(trainer).exists():
             from flowmatch.plots.gradvar import plot_gradvar
 
-            plot_gradvar(self._csv_path(trainer), Path(trainer.default_root_dir))
+            figures = plot_gradvar(self._csv_path(trainer), Path(trainer.default_root_dir))
+            if figures and self.to_loggers:
+                log_image(trainer, media_key("gradvar/heatmap"), figures[0])

@@ -7,7 +7,8 @@ both), their held-out / train ratios, and the pair accuracy of the integrated tr
 (sampling weights, EMA when on) with each of ``euler_steps`` Euler steps. It logs ``mem/...`` to every logger,
 appends one row per probe to ``memorization.csv`` (:func:`flowmatch.memorization.probe_row`; opened, appended,
 flushed and closed per probe, so a crash loses no written row) and draws ``memorization.png`` at the end
-(``python -m flowmatch.plots.memorization --run RUN_DIR`` redraws it).
+(``python -m flowmatch.plots.memorization --run RUN_DIR`` redraws it; loggers that take images get it as
+``mem/figure``).
 
 The alarm: the signal is gap(S) = mean over the bins inside ``signal_t`` of log10(S_held-out / S_train), S the
 loss or the gradient variance (``signal``). It is defined for every coupling: a coupling that draws afresh
@@ -35,8 +36,9 @@ import lightning as L
 import torch
 
 from flowmatch import memorization as mem
+from flowmatch.callbacks.media import log_image
 from flowmatch.gradvar import TrainModeGuard, bin_edges
-from flowmatch.keys import mem_key, metric
+from flowmatch.keys import media_key, mem_key, metric
 from flowmatch.streams import generator
 
 __all__ = ["MemorizationCallback"]
@@ -232,4 +234,5 @@ class MemorizationCallback(L.Callback):
         if self.plot and path.exists():
             from flowmatch.plots.memorization_run import plot_run
 
-            plot_run(path, path.with_suffix(".png"))
+            if plot_run(path, path.with_suffix(".png")) is not None:
+                log_image(trainer, media_key("mem/figure"), path.with_suffix(".png"))

@@ -18,24 +18,50 @@ class PairStream(IterableDataset):
 
     With a coupling whose ``global_ot`` is true, each batch is drawn unpaired (``draw_independent``) and paired by
     one OT assignment over the union of every DDP rank's batch (:func:`flowmatch.global_ot.global_ot_pair`, a
-    collective: every rank's stream yields in step)."""
+    collective: every rank's stream yields in step; the draws, hence the generator states, are those of per-rank
+    OT).
 
-    def __init__(self, coupling: Coupling, batch_size: int, seed: int) -> None:
+    Batch k is drawn from the generator state ``g_k`` reached after batches 0..k-1 of this rank's ``train``
+    stream. The stream remembers the states of its last few batches (:meth:`state_at`), so a checkpoint can store
+    where the next batch starts; ``resume = {"batch": k, "state": g_k}`` starts the stream at batch k (exact
+    resume), ``resume = {"batch": k}`` without a state replays k batches (exact, costs k draws)."""
+
+    KEEP = 16  # states kept: the loader prefetches, so the consumed batch lags the drawn one by a few
+
+    def __init__(self, coupling: Coupling, batch_size: int, seed: int, resume: dict | None = None) -> None:
         self.coupling, self.batch_size, self.seed = coupling, int(batch_size), int(seed)
+        self.resume, self._states = resume, {}
+
+    def state_at(self, batch: int) -> dict:
+        """``{"batch": batch, "state": g_batch}`` when that state is still remembered, else ``{"batch": batch}``."""
+        out = {"batch": int(batch)}
+        if batch in self._states:
+            out["state"] = self._states[batch]
+        return out
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed)  # the seed of this rank's "train" stream
-        if not getattr(self.coupling, "global_ot", False):
-            while True:
-                yield self.coupling.sample(self.batch_size, g)
+        global_ot = bool(getattr(self.coupling, "global_ot", False))
+        draw = self.coupling.draw_independent if global_ot else self.coupling.sample
+        k = 0
+        if self.resume:
+            k = int(self.resume["batch"])
+            if "state" in self.resume:
+                g.set_state(self.resume["state"])
+            else:
+                for _ in range(k):  # the same draws without pairing (no collective for global OT)
+                    draw(self.batch_size, g)
         rank, size = world()
-        if rank == 0 and size > 1:
+        if global_ot and rank == 0 and size > 1:
             print(
                 f"flowmatch: coupling.global_ot: one OT assignment per step over the union of {size} ranks' "
                 f"batches ({size} x {self.batch_size} pairs)"
             )
         while True:
-            yield global_ot_pair(*self.coupling.draw_independent(self.batch_size, g))
+            self._states[k] = g.get_state()
+            self._states.pop(k - self.KEEP, None)
+            yield global_ot_pair(*draw(self.batch_size, g)) if global_ot else draw(self.batch_size, g)
+            k += 1
 
 
 class FlowDataModule(L.LightningDataModule):
@@ -67,6 +93,8 @@ class FlowDataModule(L.LightningDataModule):
             int(seed),
         )
         self.p0 = self.p1 = None
+        self.train_stream: PairStream | None = None
+        self.train_resume: dict | None = None  # set on resume by flowmatch.resume.ExactResume
 
     def build_ends(self):
         raise NotImplementedError
@@ -83,7 +111,8 @@ class FlowDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         seed = stream_seed(self.seed, "train", self._rank())
-        return DataLoader(PairStream(self.coupling, self.batch_size, seed), batch_size=None)
+        self.train_stream = PairStream(self.coupling, self.batch_size, seed, self.train_resume)
+        return DataLoader(self.train_stream, batch_size=None)
 
     def held_out_pairs(self, n: int, g: torch.Generator, split: str) -> tuple:
         """``n`` fixed pairs for ``split`` ("val" or "test"); default: drawn from the coupling.
