@@ -165,20 +165,20 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 
 
 LR_RULE = "none: lr is used as given"
-"""The learning-rate rule across global batch sizes (``protocol/lr_rule``): no scaling with the batch."""
+"""The learning-rate rule across global batch sizes: no scaling with the batch (``train/lr_scale`` = 1)."""
 
 
 def batch_protocol(per_device: int, devices: int, nodes: int, accumulate: int) -> dict:
     """The batch semantics of a run: ``data.batch_size`` is per device (process), so the effective global batch of
-    one optimizer step is per_device x devices x nodes x accumulate_grad_batches; ``protocol/`` keys of
-    metrics.json (``protocol/global_batch_size``, ``protocol/world_size``, ``protocol/lr_rule``)."""
+    one optimizer step is per_device x devices x nodes x accumulate_grad_batches; metrics.json keys
+    ``train/global_batch_size``, ``train/world_size`` and ``train/lr_scale`` (1.0: :data:`LR_RULE`)."""
     from flowmatch.keys import metric
 
     world = int(devices) * int(nodes)
     return {
-        metric("protocol/global_batch_size"): float(int(per_device) * world * int(accumulate)),
-        metric("protocol/world_size"): float(world),
-        metric("protocol/lr_rule"): LR_RULE,
+        metric("train/global_batch_size"): float(int(per_device) * world * int(accumulate)),
+        metric("train/world_size"): float(world),
+        metric("train/lr_scale"): 1.0,
     }
 
 

@@ -1,4 +1,4 @@
-"""Scaling out: the trainer group's batch semantics (protocol/ keys, the start line), the fsdp refusal, and global
+"""Scaling out: the trainer group's batch semantics (train/ keys, the start line), the fsdp refusal, and global
 minibatch OT under DDP (coupling.global_ot) checked against a single-process OT of the union batch."""
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ TINY = [
 
 def test_batch_protocol_states_the_global_batch():
     out = batch_protocol(per_device=32, devices=4, nodes=2, accumulate=3)
-    assert out["protocol/global_batch_size"] == 32 * 4 * 2 * 3
-    assert out["protocol/world_size"] == 8 and out["protocol/lr_rule"].startswith("none")
+    assert out["train/global_batch_size"] == 32 * 4 * 2 * 3
+    assert out["train/world_size"] == 8 and out["train/lr_scale"] == 1.0
 
 
 def test_one_process_run_records_its_batch(tmp_path):
     proc = run_entry("train.py", *TINY, "trainer.accumulate_grad_batches=2", f"hydra.run.dir={tmp_path}")
     m = read_metrics(tmp_path)
-    assert m["protocol/global_batch_size"] == 16 and m["protocol/world_size"] == 1
-    assert m["protocol/lr_rule"] == "none: lr is used as given"
+    assert m["train/global_batch_size"] == 16 and m["train/world_size"] == 1 and m["train/lr_scale"] == 1.0
     assert "flowmatch: global batch 16 = data.batch_size 8 per device x 1 device(s)" in proc.stdout
 
 
@@ -133,7 +132,7 @@ def test_ddp_cpu_training_with_global_ot(tmp_path):
         "callbacks.throughput.warmup_steps=1", f"hydra.run.dir={tmp_path}", timeout=600,
     )  # fmt: skip
     m = read_metrics(tmp_path)
-    assert m["protocol/global_batch_size"] == 16 and m["protocol/world_size"] == 2 and m["train/global_step"] == 4
+    assert m["train/global_batch_size"] == 16 and m["train/world_size"] == 2 and m["train/global_step"] == 4
     assert proc.stdout.count("flowmatch: global batch 16 = data.batch_size 8 per device x 2 device(s)") == 1
     assert proc.stdout.count("coupling.global_ot: one OT assignment per step over the union of 2 ranks") == 1
     assert (tmp_path / "throughput.json").exists()
