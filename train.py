@@ -23,9 +23,11 @@ from flowmatch.entry import (
     preflight,
     run_evaluation,
     set_threads,
+    stop_nonfinite,
     user_errors,
     write_json,
 )
+from flowmatch.finite import NonFiniteLoss
 from flowmatch.keys import metric
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -47,7 +49,7 @@ def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     set_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    with user_errors():
+    with user_errors(run_dir):
         datamodule, module, solver = build(cfg)
         eval_options = instantiate(cfg.eval)
         module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -67,7 +69,10 @@ def main(cfg: DictConfig) -> dict:
     n_params = sum(p.numel() for p in module.model.parameters())
     print(f"flowmatch: {type(module.model).__name__} with {n_params:,} parameters; run dir {run_dir}")
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except NonFiniteLoss as exc:  # no evaluation, no checkpoint of the non-finite weights
+        stop_nonfinite(exc, ckpt_dir / "last.ckpt")
     if not trainer.is_global_zero:
         return {}
     metrics = {metric("train/global_step"): float(trainer.global_step)}
