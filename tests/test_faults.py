@@ -132,3 +132,32 @@ def test_evaluate_truncated_checkpoint_subprocess(checkpoints, tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(error_lines(proc)) == 1 and not (tmp_path / "r").exists()
+
+
+def test_unusable_field_is_one_integration_error():
+    """A finite but diverged field: dopri5's step-size underflow and NaN endpoints are one clear error each."""
+    from flowmatch.evaluation import _integrate
+    from flowmatch.sampling import IntegrationError, Solver
+
+    x0 = torch.randn(8, 2)
+    with pytest.raises(IntegrationError, match="dopri5 could not integrate"):
+        Solver("dopri5").integrate(lambda x, t: x * 1e30, x0)
+    with pytest.raises(IntegrationError, match="euler4 sends 8 of 8 sources to NaN or inf"):
+        _integrate(lambda x, t: x * float("inf"), Solver("euler", steps=4), x0, "cpu")
+
+
+def test_diverged_but_finite_training_stops_in_evaluation_with_one_line(tmp_path):
+    """lr 2e3: the loss stays finite for 20 steps, the field sends every source to inf."""
+    proc = run_entry(
+        "train.py",
+        *FAST,
+        "optimizer.lr=2e3",
+        "scheduler=constant",
+        "solver=euler",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = error_lines(proc)
+    assert "the evaluation stopped" in line and "NaN or inf" in line and "last.ckpt is kept" in line
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists() and not (tmp_path / "metrics.json").exists()
