@@ -27,7 +27,7 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
     except Exception as exc:
         if mmap and "mmap" in str(exc):  # an old, non-zip torch.save format: read it whole
             return read_checkpoint(path, mmap=False)
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        reason = " ".join(str(exc).split()).split(". ")[0][:120] or type(exc).__name__
         raise CheckpointError(
             f"ckpt_path={str(p)!r} cannot be read as a checkpoint: it is truncated or not a PyTorch file ({reason})"
         ) from None
