@@ -18,7 +18,7 @@ from flowmatch.entry import CONF_DIR, build, instantiate_all, preflight, user_er
 
 BASE = ["callbacks=[gradvar,memorization]", "interpolant=cfm", "solver=euler"]
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]  # no explain phase: it traces every line
-SETTINGS = settings(max_examples=30, deadline=None, phases=PHASES, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=20, deadline=None, phases=PHASES, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _compose(overrides):
@@ -139,7 +139,7 @@ VALUES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, phases=PHASES, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, phases=PHASES, suppress_health_check=[HealthCheck.too_slow])
 @given(key=st.sampled_from(ALL_KEYS), value=VALUES)
 def test_any_override_is_either_rejected_cleanly_or_builds(key, value):
     """Whatever a key is set to, preflight rejects it with one line (exit 2) or the components build; a value
