@@ -122,13 +122,19 @@ EVAL_TASKS_WITH_CKPT = ("metrics", "reflow_pairs", "stability")
 
 def run_errors(config_name: str, cfg: DictConfig, multirun: bool = False) -> list[str]:
     """What the machine and the named files must provide (checked after the config itself, before any work):
-    a writable output directory, wandb credentials or an offline mode, and a usable ``ckpt_path``."""
+    a writable output directory, a GPU for a GPU trainer, wandb credentials or an offline mode, and a usable
+    ``ckpt_path``."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     raw = OmegaConf.to_container(cfg.hydra.sweep if multirun else cfg.hydra.run, resolve=False)["dir"]
     errors = [e for e in [output_dir_error(str(raw), key)] if e]
     logger = cfg.get("logger") or {}
     if config_name == "train" and isinstance(logger.get("wandb"), DictConfig) and "_target_" in logger.wandb:
         errors += [e for e in [wandb_error({"offline": logger.wandb.get("offline")})] if e]
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if config_name == "train" and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        errors.append(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA GPU (use trainer=cpu or ddp_cpu)"
+        )
     ckpt_path = cfg.get("ckpt_path")
     if config_name == "evaluate" and cfg.get("task") in EVAL_TASKS_WITH_CKPT and ckpt_path is None:
         errors.append(
