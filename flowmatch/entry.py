@@ -71,36 +71,44 @@ def _explain_unknown_key(config_name: str, overrides: list[str], bad: str) -> st
 
 
 def preflight(config_name: str, argv: list[str] | None = None) -> None:
-    """Compose the config for the command line (first value of each sweep) before Hydra runs,
-    so an unknown option or a misspelt key stops with one message naming the allowed values."""
+    """Check the command line before Hydra runs (so before the run directory exists) and stop with one line at its
+    first problem (:func:`first_error`)."""
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in args):
         return
+    message = first_error(config_name, args)
+    if message:
+        fail(message)
+
+
+def first_error(config_name: str, args: list[str]) -> str | None:
+    """The first problem of a command line (every sweep at its first value; a sweep launcher can pass each job's
+    overrides), or None: unknown options and keys (naming what exists), then ``flowmatch.validate.config_errors``,
+    then :func:`run_errors` (docs/DESIGN.md, "Errors")."""
     try:
         overrides = _first_values(args)
-    except Exception as exc:  # a syntax error: Hydra reports it itself
-        fail(str(exc).strip().splitlines()[0])
+    except Exception as exc:  # a syntax error
+        return str(exc).strip().splitlines()[0]
     if overrides is None:
-        return
+        return None
     dirs = [a for a in args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name, overrides=overrides + dirs, return_hydra_config=True)
             reference = _reference(config_name, overrides)
     except MissingConfigException as exc:
-        fail(" ".join(str(exc).split("Config search path")[0].split()))
+        return " ".join(str(exc).split("Config search path")[0].split())
     except ConfigCompositionException as exc:
         text = str(exc) + " " + str(exc.__cause__ or "")
         if "not in struct" in text or "Key '" in text:
             bad = text.split("Could not override '", 1)[-1].split("'", 1)[0] if "Could not override '" in text else ""
             if bad:
-                fail(_explain_unknown_key(config_name, overrides, bad))
-        fail(" ".join(str(exc).split()))
+                return _explain_unknown_key(config_name, overrides, bad)
+        return " ".join(str(exc).split())
     value_keys = [o.split("=", 1)[0].lstrip("+") for o in overrides if "=" in o and not _is_group(o)]
     multirun = any(a in ("-m", "--multirun") for a in args)
     errors = config_errors(cfg, reference, value_keys) or run_errors(config_name, cfg, multirun)
-    if errors:
-        fail(errors[0])
+    return errors[0] if errors else None
 
 
 def _is_group(override: str) -> bool:
