@@ -67,6 +67,11 @@ class GradientVarianceCallback(L.Callback):
             raise ValueError(
                 f"callbacks.gradvar.probe_size must be >= 2 x the number of bins ({2 * self.K}), got {probe_size}"
             )
+        if int(probe_size) % self.K:
+            raise ValueError(
+                f"callbacks.gradvar.probe_size={probe_size} must be a multiple of the {self.K} bins (an equal count "
+                f"per bin)"
+            )
         self.every, self.n_per_bin, self.source = int(every_n_steps), int(probe_size) // self.K, source
         self.method, self.chunk_size, self.seed, self.groups = method, int(chunk_size), int(seed), groups
         self.solver = Solver("euler", steps=int(ode_steps))
