@@ -13,15 +13,10 @@ Linear layers, one row per sample (g_i = d_i a_i^T, d the output gradient, a the
     sum_{i in k} g_i = D_k^T A_k                                     (one bmm over the bins)
     ||D_k^T A_k||^2 = sum_{i,j in k} (d_i . d_j)(a_i . a_j)           (Gram form, when n_k (o + i) < o i)
 
-With large layers the products run in float32 on centred factors: with dbar_k, abar_k the bin means (float64),
-delta_i = d_i - dbar_k, alpha_i = a_i - abar_k, exactly
-
-    D_k^T A_k = n_k dbar_k abar_k^T + M_k,        M_k = sum_{i in k} delta_i alpha_i^T
-    ||D_k^T A_k||^2 = n_k^2 ||dbar_k||^2 ||abar_k||^2 + 2 n_k sum_{i in k} (dbar_k . delta_i)(abar_k . alpha_i)
-                      + ||M_k||^2
-
-where only M_k (float32: its rounding is relative to the spread of the samples, not to the mean gradient, so
-grad_var keeps float64 accuracy when the mean dominates) is a matrix product; the rest are float64 vectors.
+With large layers the products run in float32 on factors centred on their bin means (:func:`_centred_group`:
+D_k^T A_k = n_k u_k v_k^T + M'_k with u_k, v_k the bin means in float64 and M'_k the float32 product of the
+deviations, whose rounding is relative to the spread of the samples, not to the mean gradient, so grad_var keeps
+float64 accuracy when the mean dominates; the per-sample ||d_i||^2 ||a_i||^2 accumulate in float64).
 Everything else (biases, S > 1 positions, convolutions, norms, embeddings) goes through per-sample gradients
 ``g`` (b, F), cast to float64 and reduced by :func:`add_materialised`.
 """
@@ -31,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flowmatch.gradvar_plan import Rows
@@ -71,60 +65,103 @@ def _scatter(out: Tensor | None, g, res: Tensor, Kc: int) -> Tensor:
 
 def add_materialised(g: Tensor, rows: Rows, target: Tensor, dense: bool) -> Tensor:
     """Add the per-bin sums (dense) or their squared norms of the per-sample tensors g (b, ...) into ``target``;
-    return the (b,) float64 ||g_i||^2. Both from a float64 copy of g."""
-    g = g.reshape(g.shape[0], -1).to(F64)
-    sums = bin_sum(g, rows)
+    return the (b,) float64 ||g_i||^2. Both accumulate in float64 (equal bins: reductions with a float64
+    accumulator; else from a float64 copy of g)."""
+    g = g.reshape(g.shape[0], -1)
+    grp = rows.groups[0]
+    if g.dtype != F64 and len(rows.groups) == 1 and grp.index is None:  # no float64 copy of g
+        sums, sq = bin_sum64(g, rows), sqnorm64(g)
+    else:
+        g = g.to(F64)
+        sums, sq = bin_sum(g, rows), vdot(g, g)
     if dense:
         target.view(sums.shape).add_(sums)
     else:
         target.add_(vdot(sums, sums))
-    return vdot(g, g)
+    return sq
 
 
 def _outer_sqnorm(X: Tensor, Y: Tensor) -> Tensor:
     """(Kg,) ||X_k^T Y_k||^2 of blocks X (Kg, n, o), Y (Kg, n, i), by the Gram form when it is cheaper."""
     n, o, i = X.shape[1], X.shape[2], Y.shape[2]
-    if n * (o + i) < o * i:
+    if 4 * n * (o + i) < 3 * o * i:  # measured crossover (CPU): the Gram form pays below ~3/4 of o i
         return (torch.bmm(X, X.transpose(1, 2)) * torch.bmm(Y, Y.transpose(1, 2))).sum((1, 2))
     M = torch.bmm(X.transpose(1, 2), Y).view(X.shape[0], -1)
     return vdot(M, M)
 
 
-def _linear_group(D: Tensor, A: Tensor, cnt: Tensor, mask: Tensor | None, dense: bool, centred: bool) -> Tensor:
-    """One size class of bins, float64 blocks D (Kg, n, o), A (Kg, n, i) (zero padding rows, ``mask`` (Kg, n, 1)
-    marks the real ones; ``cnt`` (Kg,) their number): the (Kg, o, i) sums D_k^T A_k (dense) or their (Kg,)
-    squared norms, from centred factors in float32 when ``centred`` (module docstring)."""
-    if not centred:
-        return torch.bmm(D.transpose(1, 2), A) if dense else _outer_sqnorm(D, A)
-    dbar, abar = D.sum(1) / cnt[:, None], A.sum(1) / cnt[:, None]
-    delta, alpha = D - dbar[:, None], A - abar[:, None]
+def _plain_group(D: Tensor, A: Tensor, dense: bool) -> Tensor:
+    """Float64 blocks D (Kg, n, o), A (Kg, n, i) (zero padding rows): the (Kg, o, i) sums D_k^T A_k (dense) or
+    their (Kg,) squared norms."""
+    return torch.bmm(D.transpose(1, 2), A) if dense else _outer_sqnorm(D, A)
+
+
+def _centred_group(D: Tensor, A: Tensor, cnt: Tensor, mask: Tensor | None, dense: bool) -> Tensor:
+    """As :func:`_plain_group` for float32 blocks, exactly, via centres c, c' (float32 bin means, rounded) and the
+    deviations delta_i = d_i - c, alpha_i = a_i - c' (float32; ``mask`` (Kg, n, 1) zeroes the padding rows, ``cnt``
+    (Kg,) float64 the real rows n): with s_d = sum delta_i, s_a = sum alpha_i, u = c + s_d / n, v = c' + s_a / n
+    (the exact means, float64) and M = sum delta_i alpha_i^T (float32 products),
+
+        D^T A = n u v^T + M',   M' = M - s_d s_a^T / n
+        ||D^T A||^2 = n^2 ||u||^2 ||v||^2 + 2 n u^T M' v + ||M'||^2
+        u^T M' v = sum_i (u . delta_i)(v . alpha_i) - (u . s_d)(v . s_a) / n
+        ||M'||^2 = ||M||^2 - 2 sum_i (s_d . delta_i)(s_a . alpha_i) / n + ||s_d||^2 ||s_a||^2 / n^2
+
+    Every float32 rounding is relative to the deviations (the spread of the samples), not to the means."""
+    n32 = cnt.to(D.dtype)[:, None]
+    c, ca = D.sum(1) / n32, A.sum(1) / n32  # padding rows are zero
+    delta, alpha = D - c[:, None], A - ca[:, None]
     if mask is not None:
         delta, alpha = delta * mask, alpha * mask
+    sd, sa = delta.sum(1, dtype=F64), alpha.sum(1, dtype=F64)
+    u, v = c.to(F64) + sd / cnt[:, None], ca.to(F64) + sa / cnt[:, None]
     if dense:
-        return torch.bmm((cnt[:, None] * dbar)[:, :, None], abar[:, None]).add_(
-            torch.bmm(delta.float().transpose(1, 2), alpha.float())
+        outer = (
+            torch.bmm((cnt[:, None] * u)[:, :, None], v[:, None])
+            - torch.bmm(sd[:, :, None], sa[:, None]) / cnt[:, None, None]
         )
-    cross = (torch.bmm(delta, dbar[:, :, None]) * torch.bmm(alpha, abar[:, :, None])).sum((1, 2))
-    big = cnt * cnt * vdot(dbar, dbar) * vdot(abar, abar)
-    return big + 2 * cnt * cross + _outer_sqnorm(delta.float(), alpha.float()).double()
+        return outer.add_(torch.bmm(delta.transpose(1, 2), alpha))
+    P = torch.bmm(delta, torch.stack([u, sd], 2).to(delta.dtype)).to(F64)  # (Kg, n, 2): u . delta_i, s_d . delta_i
+    Q = torch.bmm(alpha, torch.stack([v, sa], 2).to(alpha.dtype)).to(F64)
+    PQ = (P * Q).sum(1)  # (Kg, 2)
+    uMv = PQ[:, 0] - vdot(u, sd) * vdot(v, sa) / cnt
+    M2 = _outer_sqnorm(delta, alpha).to(F64) - 2 * PQ[:, 1] / cnt + vdot(sd, sd) * vdot(sa, sa) / cnt**2
+    return cnt * cnt * vdot(u, u) * vdot(v, v) + 2 * cnt * uMv + M2
 
 
-def linear_rows(a64: Tensor, d64: Tensor, rows: Rows, target: Tensor, dense: bool, centred: bool) -> None:
-    """Per-bin sum_{r in k} d_r a_r^T of the float64 rows a64 (R, i), d64 (R, o), or its squared norm, added into
-    ``target`` (module docstring: from centred float32 factors when ``centred``, else float64 products)."""
+def linear_rows(a: Tensor, d: Tensor, rows: Rows, target: Tensor, dense: bool, centred: bool) -> None:
+    """Per-bin sum_{r in k} d_r a_r^T of the rows a (R, i), d (R, o), or its squared norm, added into ``target``:
+    float64 rows by float64 products, or (``centred``) float32 rows by :func:`_centred_group`."""
     Kc, out = rows.count.shape[0], None
     for g in rows.groups:
         cnt = rows.count if g.bins is None else rows.count.index_select(0, g.bins)
-        mask = None
-        if g.index is not None and centred:
-            mask = (torch.arange(g.n, device=cnt.device)[None, :, None] < cnt[:, None, None]).to(F64)
-        res = _linear_group(rows.blocks(d64, g), rows.blocks(a64, g), cnt, mask, dense, centred)
+        D, A = rows.blocks(d, g), rows.blocks(a, g)
+        if centred:
+            mask = None
+            if g.index is not None:
+                mask = (torch.arange(g.n, device=cnt.device)[None, :, None] < cnt[:, None, None]).to(d.dtype)
+            res = _centred_group(D, A, cnt, mask, dense)
+        else:
+            res = _plain_group(D, A, dense)
         if dense:
-            target.add_(res) if g.bins is None else target.index_add_(0, g.bins, res)
+            target.add_(res) if g.bins is None else target.index_add_(0, g.bins, res.to(target.dtype))
         else:
             out = _scatter(out, g, res, Kc)
     if not dense:
         target.add_(out)
+
+
+def bin_sum64(x: Tensor, rows: Rows) -> Tensor:
+    """(Kc, F) float64 per-bin sums of the rows x (R, F) (equal bins: a float64 accumulator, no copy of x)."""
+    g = rows.groups[0]
+    if len(rows.groups) == 1 and g.index is None:
+        return x.view(-1, g.n, x.shape[1]).sum(1, dtype=F64)
+    return bin_sum(x.to(F64), rows)
+
+
+def sqnorm64(x: Tensor) -> Tensor:
+    """(R,) float64 squared norms of the rows x (R, F), accumulated in float64."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=F64).square()
 
 
 def use_centred(a: Tensor, rows: Rows, o: int) -> bool:
@@ -140,21 +177,42 @@ def is_small_linear(x: Tensor, d: Tensor, rows: Rows) -> bool:
     return x.numel() == b * i and d.numel() == b * o and b * min(rows.n_pad * (o + i), o * i) < CENTRED_MIN_MACS
 
 
-def fused_linear(a: Tensor, d: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """L small one-row-per-sample Linear layers of one shape in one float64 pass: inputs a (L, b, i), output
-    gradients d (L, b, o). Returns per-sample ||d_l||^2 ||a_l||^2 and ||d_l||^2 (L, b) (weight and bias) and per
-    bin ||sum_{i in k} d_li a_li^T||^2 and ||sum_{i in k} d_li||^2 (L, Kc) (:func:`_outer_sqnorm` per block)."""
-    L, o, i = a.shape[0], d.shape[2], a.shape[2]
-    a, d = a.to(F64), d.to(F64)
-    dn, an = d.square().sum(2), a.square().sum(2)
+def fused_linear(items: list[tuple[Tensor, Tensor]], rows: Rows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Small one-row-per-sample Linear layers l = 0..L-1 (``items``: input a_l (b, i_l), output gradient d_l
+    (b, o_l)) in one float64 pass, their factors zero-padded to common widths (padding changes no dot product):
+    per-sample ||d_l||^2 ||a_l||^2 and ||d_l||^2 (L, b) (weight and bias), and per bin ||sum d_l a_l^T||^2 and
+    ||sum d_l||^2 (L, Kc) (:func:`_outer_sqnorm` on each block of bins)."""
+    L, b = len(items), items[0][0].shape[0]
+    Wi, Wo = max(a.shape[-1] for a, _ in items), max(d.shape[-1] for _, d in items)
+    A = items[0][0].new_zeros(L, b + 1, Wi, dtype=F64)  # row b: the zero row that pads the bins
+    D = A.new_zeros(L, b + 1, Wo)
+    for j, (a, d) in enumerate(items):
+        A[j, :b, : a.shape[-1]] = a.reshape(b, -1)
+        D[j, :b, : d.shape[-1]] = d.reshape(b, -1)
+    dn, an = vdot(D[:, :b], D[:, :b]), vdot(A[:, :b], A[:, :b])
     Kc, w, bias = rows.count.shape[0], None, None
     for g in rows.groups:
-        if g.index is None:
-            Dg, Ag = d.reshape(-1, g.n, o), a.reshape(-1, g.n, i)
-        else:  # row b of the padded copies is the zero row the index pads the bins with
-            Dg = F.pad(d, (0, 0, 0, 1)).index_select(1, g.index).view(-1, g.n, o)
-            Ag = F.pad(a, (0, 0, 0, 1)).index_select(1, g.index).view(-1, g.n, i)
+        Dg = D[:, :b] if g.index is None else D.index_select(1, g.index)
+        Ag = A[:, :b] if g.index is None else A.index_select(1, g.index)
+        Dg, Ag = Dg.reshape(-1, g.n, Wo), Ag.reshape(-1, g.n, Wi)
         s = Dg.sum(1)
         wv, bv = _outer_sqnorm(Dg, Ag).view(L, -1).T, vdot(s, s).view(L, -1).T  # (Kg, L)
         w, bias = _scatter(w, g, wv, Kc), _scatter(bias, g, bv, Kc)
     return dn * an, dn, w.T, bias.T
+
+
+def fusion_groups(shapes: list[tuple[int, int]], n: int, b: int) -> list[list[int]]:
+    """Which small layers (``shapes``: (i, o) each) share one :func:`fused_linear` pass: all of them, padded to
+    the widest, when that at most doubles the multiply-adds b min(n (o + i), o i) (plus 2^18: a pass costs more
+    in fixed overhead than that many), else one pass per distinct shape."""
+
+    def cost(i, o):
+        return b * min(n * (o + i), o * i)
+
+    Wi, Wo = max(i for i, _ in shapes), max(o for _, o in shapes)
+    if len(shapes) * cost(Wi, Wo) <= 2 * sum(cost(i, o) for i, o in shapes) + 2**18:
+        return [list(range(len(shapes)))]
+    by: dict = {}
+    for j, sh in enumerate(shapes):
+        by.setdefault(sh, []).append(j)
+    return list(by.values())

@@ -148,15 +148,15 @@ class TrainModeGuard:
     def __init__(self, model: nn.Module) -> None:
         self.modes = [(m, m.training) for m in model.modules()]
 
-    def __enter__(self):
+    def __enter__(self):  # object.__setattr__: ``training`` is a plain attribute; skips Module.__setattr__'s checks
         for m, mode in self.modes:
             if mode:
-                m.training = False
+                object.__setattr__(m, "training", False)
 
     def __exit__(self, *exc):
         for m, mode in self.modes:
             if m.training != mode:
-                m.training = mode
+                object.__setattr__(m, "training", mode)
 
 
 def bin_sums(

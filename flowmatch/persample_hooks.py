@@ -24,9 +24,12 @@ from flowmatch.binreduce import (
     Sink,
     add_materialised,
     bin_sum,
+    bin_sum64,
     fused_linear,
+    fusion_groups,
     is_small_linear,
     linear_rows,
+    sqnorm64,
     use_centred,
     vdot,
 )
@@ -66,13 +69,16 @@ def _linear(x: Tensor, d: Tensor, chunk: Chunk, targets: dict, dense: bool) -> d
     S, res = a.shape[1], {}
     if S == 1:
         a2, d2 = a.view(b, i), dd.view(b, o)
-        a64, d64 = a2.to(F64), d2.to(F64)
-        dn = vdot(d64, d64)
+        centred = use_centred(a2, chunk.rows, o)
+        if centred:  # float32 rows, float64 accumulators
+            an, dn, sums = sqnorm64(a2), sqnorm64(d2), bin_sum64(d2, chunk.rows)
+        else:
+            a2, d2 = a2.to(F64), d2.to(F64)
+            an, dn, sums = vdot(a2, a2), vdot(d2, d2), bin_sum(d2, chunk.rows)
         if "weight" in targets:
-            res["weight"] = dn * vdot(a64, a64)
-            linear_rows(a64, d64, chunk.rows, targets["weight"], dense, use_centred(a2, chunk.rows, o))
+            res["weight"] = dn * an
+            linear_rows(a2, d2, chunk.rows, targets["weight"], dense, centred)
         if "bias" in targets:
-            sums = bin_sum(d64, chunk.rows)
             targets["bias"].add_(sums if dense else vdot(sums, sums))
             res["bias"] = dn
         return res
@@ -82,8 +88,9 @@ def _linear(x: Tensor, d: Tensor, chunk: Chunk, targets: dict, dense: bool) -> d
             res["weight"] = (torch.bmm(d64, d64.transpose(1, 2)) * torch.bmm(a64, a64.transpose(1, 2))).sum((1, 2))
         else:
             res["weight"] = _sqnorm(torch.bmm(dd.transpose(1, 2), a))
-        a64, d64 = a.reshape(-1, i).to(F64), dd.reshape(-1, o).to(F64)
-        linear_rows(a64, d64, chunk.rows_for(S), targets["weight"], dense, False)
+        linear_rows(
+            a.reshape(-1, i).to(F64), dd.reshape(-1, o).to(F64), chunk.rows_for(S), targets["weight"], dense, False
+        )
     if "bias" in targets:
         res["bias"] = add_materialised(dd.sum(1), chunk.rows, targets["bias"], dense)
     return res
@@ -170,23 +177,22 @@ class HooksEngine:
         sq.update({names[a]: v for a, v in got.items()})
 
     def _small_layers(self, chunk: Chunk, sink: Sink, sq: dict) -> None:
-        """The small Linear layers held back by :meth:`_on_grad`, one pass per shape
-        (:func:`~flowmatch.binreduce.fused_linear`; factors promoted to at least float32)."""
-        items, self._small, by_shape = self._small, [], {}
-        for m, x, d in items:
-            by_shape.setdefault((x.shape, d.shape), []).append((m, x, d))
-        for group in by_shape.values():
-            a = torch.stack([x for _, x, _ in group]).reshape(len(group), len(chunk), -1)
-            d = torch.stack([d for _, _, d in group]).reshape(len(group), len(chunk), -1)
-            sq_w, sq_b, w, bias = fused_linear(a, d, chunk.rows)
-            for j, (m, _, _) in enumerate(group):
-                names = self.plan[m]
+        """The small Linear layers held back by :meth:`_on_grad`, in as few batched float64 passes as pay off
+        (:func:`~flowmatch.binreduce.fusion_groups`, :func:`~flowmatch.binreduce.fused_linear`)."""
+        items, self._small = self._small, []
+        if not items:
+            return
+        shapes = [(x.shape[-1], d.shape[-1]) for _, x, d in items]
+        for group in fusion_groups(shapes, chunk.rows.n_pad, len(chunk)):
+            sq_w, sq_b, w, bias = fused_linear([items[j][1:] for j in group], chunk.rows)
+            for r, j in enumerate(group):
+                names = self.plan[items[j][0]]
                 if "weight" in names:
-                    sink.targets[names["weight"]].add_(w[j])
-                    sq[names["weight"]] = sq_w[j]
+                    sink.targets[names["weight"]].add_(w[r])
+                    sq[names["weight"]] = sq_w[r]
                 if "bias" in names:
-                    sink.targets[names["bias"]].add_(bias[j])
-                    sq[names["bias"]] = sq_b[j]
+                    sink.targets[names["bias"]].add_(bias[r])
+                    sq[names["bias"]] = sq_b[r]
 
     def __call__(self, job: Job, chunk: Chunk, sink: Sink) -> ChunkResult:
         """Per-sample results of one chunk from one forward and one (truncated) backward pass."""

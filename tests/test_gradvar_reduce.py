@@ -95,7 +95,8 @@ def check(sums, truth, edges, keep_sums, rtol=1e-6):
 
 @pytest.mark.parametrize("keep_sums", [False, True])
 @pytest.mark.parametrize("route", ["centred", "fused", "float64"])
-def test_attention_unet_parts_in_float32(keep_sums, route, monkeypatch):
+@pytest.mark.parametrize("times", ["random", "stratified"])
+def test_attention_unet_parts_in_float32(keep_sums, route, times, monkeypatch):
     """A float32 net with the UNet's attention block and a wide Linear, every Linear route (centred float32
     products, the fused float64 pass of small layers, float64 products layer by layer), against a float64 copy."""
     monkeypatch.setattr(binreduce, "CENTRED_MIN_MACS", 0 if route == "centred" else 2**62)
@@ -104,7 +105,7 @@ def test_attention_unet_parts_in_float32(keep_sums, route, monkeypatch):
     torch.manual_seed(3)
     gen = torch.Generator().manual_seed(4)
     for model, shape in ((ConvAttnNet(), (1, 8, 8)), (WideMLP(), (2,))):
-        probe = make_probe(shape, 24, gen, probe_times("random", 24, 3, gen), CFM(0.2), dtype=torch.float32)
+        probe = make_probe(shape, 24, gen, probe_times(times, 24, 3, gen), CFM(0.2), dtype=torch.float32)
         truth = naive_stats(copy.deepcopy(model).double(), cast(probe, DT), [0.0, 1 / 3, 2 / 3, 1.0])
         sums = bin_sums(model, probe, 3, chunk_size=10, keep_sums=keep_sums)
         assert sums.method == "hooks"
