@@ -23,9 +23,11 @@ Everything else (biases, S > 1 positions, convolutions, norms, embeddings) goes 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from flowmatch.gradvar_plan import Rows
@@ -96,7 +98,7 @@ def _plain_group(D: Tensor, A: Tensor, dense: bool) -> Tensor:
     return torch.bmm(D.transpose(1, 2), A) if dense else _outer_sqnorm(D, A)
 
 
-def _centred_group(D: Tensor, A: Tensor, cnt: Tensor, mask: Tensor | None, dense: bool) -> Tensor:
+def _centred_group(D: Tensor, A: Tensor, cnt: Tensor, mask: Tensor | None, dense: bool) -> tuple[Tensor, Tensor]:
     """As :func:`_plain_group` for float32 blocks, exactly, via centres c, c' (float32 bin means, rounded) and the
     deviations delta_i = d_i - c, alpha_i = a_i - c' (float32; ``mask`` (Kg, n, 1) zeroes the padding rows, ``cnt``
     (Kg,) float64 the real rows n): with s_d = sum delta_i, s_a = sum alpha_i, u = c + s_d / n, v = c' + s_a / n
@@ -107,26 +109,27 @@ def _centred_group(D: Tensor, A: Tensor, cnt: Tensor, mask: Tensor | None, dense
         u^T M' v = sum_i (u . delta_i)(v . alpha_i) - (u . s_d)(v . s_a) / n
         ||M'||^2 = ||M||^2 - 2 sum_i (s_d . delta_i)(s_a . alpha_i) / n + ||s_d||^2 ||s_a||^2 / n^2
 
-    Every float32 rounding is relative to the deviations (the spread of the samples), not to the means."""
+    Every float32 rounding is relative to the deviations (the spread of the samples), not to the means. Returns
+    that result and the (Kg, o) float64 bin sums of D, n u."""
     n32 = cnt.to(D.dtype)[:, None]
     c, ca = D.sum(1) / n32, A.sum(1) / n32  # padding rows are zero
     delta, alpha = D - c[:, None], A - ca[:, None]
     if mask is not None:
         delta, alpha = delta * mask, alpha * mask
-    sd, sa = delta.sum(1, dtype=F64), alpha.sum(1, dtype=F64)
+    sd, sa = delta.sum(1).to(F64), alpha.sum(1).to(F64)  # small (the spread): float32 sums suffice
     u, v = c.to(F64) + sd / cnt[:, None], ca.to(F64) + sa / cnt[:, None]
     if dense:
         outer = (
             torch.bmm((cnt[:, None] * u)[:, :, None], v[:, None])
             - torch.bmm(sd[:, :, None], sa[:, None]) / cnt[:, None, None]
         )
-        return outer.add_(torch.bmm(delta.transpose(1, 2), alpha))
+        return outer.add_(torch.bmm(delta.transpose(1, 2), alpha)), cnt[:, None] * u
     P = torch.bmm(delta, torch.stack([u, sd], 2).to(delta.dtype)).to(F64)  # (Kg, n, 2): u . delta_i, s_d . delta_i
     Q = torch.bmm(alpha, torch.stack([v, sa], 2).to(alpha.dtype)).to(F64)
     PQ = (P * Q).sum(1)  # (Kg, 2)
     uMv = PQ[:, 0] - vdot(u, sd) * vdot(v, sa) / cnt
     M2 = _outer_sqnorm(delta, alpha).to(F64) - 2 * PQ[:, 1] / cnt + vdot(sd, sd) * vdot(sa, sa) / cnt**2
-    return cnt * cnt * vdot(u, u) * vdot(v, v) + 2 * cnt * uMv + M2
+    return cnt * cnt * vdot(u, u) * vdot(v, v) + 2 * cnt * uMv + M2, cnt[:, None] * u
 
 
 def linear_rows(a: Tensor, d: Tensor, rows: Rows, target: Tensor, dense: bool, centred: bool) -> None:
@@ -140,7 +143,7 @@ def linear_rows(a: Tensor, d: Tensor, rows: Rows, target: Tensor, dense: bool, c
             mask = None
             if g.index is not None:
                 mask = (torch.arange(g.n, device=cnt.device)[None, :, None] < cnt[:, None, None]).to(d.dtype)
-            res = _centred_group(D, A, cnt, mask, dense)
+            res = _centred_group(D, A, cnt, mask, dense)[0]
         else:
             res = _plain_group(D, A, dense)
         if dense:
@@ -179,24 +182,33 @@ def is_small_linear(x: Tensor, d: Tensor, rows: Rows) -> bool:
 
 def fused_linear(items: list[tuple[Tensor, Tensor]], rows: Rows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Small one-row-per-sample Linear layers l = 0..L-1 (``items``: input a_l (b, i_l), output gradient d_l
-    (b, o_l)) in one float64 pass, their factors zero-padded to common widths (padding changes no dot product):
-    per-sample ||d_l||^2 ||a_l||^2 and ||d_l||^2 (L, b) (weight and bias), and per bin ||sum d_l a_l^T||^2 and
-    ||sum d_l||^2 (L, Kc) (:func:`_outer_sqnorm` on each block of bins)."""
+    (b, o_l)) in one pass, their factors zero-padded to common widths (padding changes no dot product): per-sample
+    ||d_l||^2 ||a_l||^2 and ||d_l||^2 (L, b) (weight and bias, float64 accumulators), and per bin
+    ||sum d_l a_l^T||^2 and ||sum d_l||^2 (L, Kc): :func:`_centred_group` on float32 factors (float64 factors:
+    :func:`_outer_sqnorm`), all layers and bins of a block in one batched product."""
     L, b = len(items), items[0][0].shape[0]
     Wi, Wo = max(a.shape[-1] for a, _ in items), max(d.shape[-1] for _, d in items)
-    A = items[0][0].new_zeros(L, b + 1, Wi, dtype=F64)  # row b: the zero row that pads the bins
-    D = A.new_zeros(L, b + 1, Wo)
+    dt = functools.reduce(torch.promote_types, [t.dtype for item in items for t in item], torch.float32)
+    A, D = items[0][0].new_zeros(L, b, Wi, dtype=dt), items[0][0].new_zeros(L, b, Wo, dtype=dt)
     for j, (a, d) in enumerate(items):
-        A[j, :b, : a.shape[-1]] = a.reshape(b, -1)
-        D[j, :b, : d.shape[-1]] = d.reshape(b, -1)
-    dn, an = vdot(D[:, :b], D[:, :b]), vdot(A[:, :b], A[:, :b])
+        A[j, :, : a.shape[-1]] = a.reshape(b, -1)
+        D[j, :, : d.shape[-1]] = d.reshape(b, -1)
+    dn = torch.linalg.vector_norm(D, dim=2, dtype=F64).square()
+    an = torch.linalg.vector_norm(A, dim=2, dtype=F64).square()
     Kc, w, bias = rows.count.shape[0], None, None
     for g in rows.groups:
-        Dg = D[:, :b] if g.index is None else D.index_select(1, g.index)
-        Ag = A[:, :b] if g.index is None else A.index_select(1, g.index)
-        Dg, Ag = Dg.reshape(-1, g.n, Wo), Ag.reshape(-1, g.n, Wi)
-        s = Dg.sum(1)
-        wv, bv = _outer_sqnorm(Dg, Ag).view(L, -1).T, vdot(s, s).view(L, -1).T  # (Kg, L)
+        if g.index is None:
+            Dg, Ag = D.view(-1, g.n, Wo), A.view(-1, g.n, Wi)
+        else:  # the appended row b is the zero row that pads the bins
+            Dg = F.pad(D, (0, 0, 0, 1)).index_select(1, g.index).view(-1, g.n, Wo)
+            Ag = F.pad(A, (0, 0, 0, 1)).index_select(1, g.index).view(-1, g.n, Wi)
+        cnt = (rows.count if g.bins is None else rows.count.index_select(0, g.bins)).repeat(L)
+        if dt == F64:
+            wv, s = _outer_sqnorm(Dg, Ag), Dg.sum(1)
+        else:
+            mask = None if g.index is None else (torch.arange(g.n, device=cnt.device)[:, None] < cnt[:, None, None])
+            wv, s = _centred_group(Dg, Ag, cnt, None if mask is None else mask.to(dt), False)
+        wv, bv = wv.view(L, -1).T, vdot(s, s).view(L, -1).T  # (Kg, L)
         w, bias = _scatter(w, g, wv, Kc), _scatter(bias, g, bv, Kc)
     return dn * an, dn, w.T, bias.T
 

@@ -113,10 +113,11 @@ def test_attention_unet_parts_in_float32(keep_sums, route, times, monkeypatch):
 
 
 @pytest.mark.parametrize("keep_sums", [False, True])
-def test_centred_route_keeps_float64_accuracy_when_the_mean_gradient_dominates(keep_sums, monkeypatch):
+@pytest.mark.parametrize("route", ["centred", "fused"])
+def test_centred_route_keeps_float64_accuracy_when_the_mean_gradient_dominates(keep_sums, route, monkeypatch):
     """The regime of test_float32_variance_is_accurate_when_the_mean_gradient_dominates (E||g||^2 / tr Cov ~ 1e6)
-    through the centred float32 products: still within 1e-3 of the float64 truth."""
-    monkeypatch.setattr(binreduce, "CENTRED_MIN_MACS", 0)
+    through the centred float32 products, layer by layer or fused: still within 1e-3 of the float64 truth."""
+    monkeypatch.setattr(binreduce, "CENTRED_MIN_MACS", 0 if route == "centred" else 2**62)
     torch.manual_seed(0)
     model = TokenMLP()
     with torch.no_grad():
