@@ -11,14 +11,16 @@ Linear layers, one row per sample (g_i = d_i a_i^T, d the output gradient, a the
 
     ||g_i||^2 = ||d_i||^2 ||a_i||^2                                   (per sample, float64, nothing materialised)
     sum_{i in k} g_i = D_k^T A_k                                     (one bmm over the bins)
-    ||D_k^T A_k||^2 = sum_{i,j in k} (d_i . d_j)(a_i . a_j)           (Gram form, when n_k (o + i) < o i)
+    ||D_k^T A_k||^2 = sum_{i,j in k} (d_i . d_j)(a_i . a_j)           (Gram form, when n_k (o + i) < 3/4 o i)
 
-With large layers the products run in float32 on factors centred on their bin means (:func:`_centred_group`:
-D_k^T A_k = n_k u_k v_k^T + M'_k with u_k, v_k the bin means in float64 and M'_k the float32 product of the
-deviations, whose rounding is relative to the spread of the samples, not to the mean gradient, so grad_var keeps
-float64 accuracy when the mean dominates; the per-sample ||d_i||^2 ||a_i||^2 accumulate in float64).
-Everything else (biases, S > 1 positions, convolutions, norms, embeddings) goes through per-sample gradients
-``g`` (b, F), cast to float64 and reduced by :func:`add_materialised`.
+With float32 (or bfloat16) factors the products run in float32 on factors centred on their bin means
+(:func:`centred`: D_k^T A_k = n_k u_k v_k^T + M'_k with u_k, v_k the bin means in float64 and M'_k the
+float32 product of the deviations, whose rounding is relative to the spread of the samples, not to the mean
+gradient, so grad_var keeps float64 accuracy when the mean dominates; the per-sample ||d_i||^2 ||a_i||^2 accumulate
+in float64). Layers below ``CENTRED_MIN_MACS`` multiply-adds are reduced together after the backward
+(:func:`fused_linear`: all of them in one batched pass when padding them to common widths is cheap,
+:func:`fusion_groups`). Everything else (biases over positions, S > 1 positions, convolutions, norms, embeddings)
+goes through per-sample gradients ``g`` (b, F), reduced with float64 accumulators by :func:`add_materialised`.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowmatch.gradvar_plan import Rows
+from flowmatch.gradvar_plan import Rows, repeat
 
 F64 = torch.float64
-CENTRED_MIN_MACS = 2**21  # below this many multiply-adds a layer's float64 products cost less than the extra ops
+CENTRED_MIN_MACS = 2**21  # layers below this many multiply-adds: one fused pass after the backward (fixed costs)
 
 
 @dataclass(frozen=True)
@@ -98,54 +100,76 @@ def _plain_group(D: Tensor, A: Tensor, dense: bool) -> Tensor:
     return torch.bmm(D.transpose(1, 2), A) if dense else _outer_sqnorm(D, A)
 
 
-def _centred_group(D: Tensor, A: Tensor, cnt: Tensor, mask: Tensor | None, dense: bool) -> tuple[Tensor, Tensor]:
-    """As :func:`_plain_group` for float32 blocks, exactly, via centres c, c' (float32 bin means, rounded) and the
-    deviations delta_i = d_i - c, alpha_i = a_i - c' (float32; ``mask`` (Kg, n, 1) zeroes the padding rows, ``cnt``
-    (Kg,) float64 the real rows n): with s_d = sum delta_i, s_a = sum alpha_i, u = c + s_d / n, v = c' + s_a / n
-    (the exact means, float64) and M = sum delta_i alpha_i^T (float32 products),
+def expand(x: Tensor, rows: Rows) -> Tensor:
+    """(R, F) the per-bin rows x (Kc, F) repeated for every row of their bin."""
+    g = rows.groups[0]
+    if len(rows.groups) == 1 and g.index is None:
+        return x[:, None].expand(-1, g.n, -1).reshape(-1, x.shape[1])
+    return x.index_select(0, rows.rb)
+
+
+def centred(d: Tensor, a: Tensor, rows: Rows, dense: bool) -> tuple[Tensor, Tensor]:
+    """Per bin k, sum_{r in k} d_r a_r^T (dense, (Kc, o, i)) or its squared norm ((Kc,)), both float64, of float32
+    rows d (R, o), a (R, i), exactly, via centres c, c' (float32 bin means, rounded) and the deviations
+    delta_r = d_r - c, alpha_r = a_r - c' (float32): with s_d = sum delta_r, s_a = sum alpha_r, u = c + s_d / n,
+    v = c' + s_a / n (the exact means, float64) and M = sum delta_r alpha_r^T (float32 products),
 
         D^T A = n u v^T + M',   M' = M - s_d s_a^T / n
         ||D^T A||^2 = n^2 ||u||^2 ||v||^2 + 2 n u^T M' v + ||M'||^2
-        u^T M' v = sum_i (u . delta_i)(v . alpha_i) - (u . s_d)(v . s_a) / n
-        ||M'||^2 = ||M||^2 - 2 sum_i (s_d . delta_i)(s_a . alpha_i) / n + ||s_d||^2 ||s_a||^2 / n^2
+        u^T M' v = sum_r (u . delta_r)(v . alpha_r) - (u . s_d)(v . s_a) / n
+        ||M'||^2 = ||M||^2 - 2 sum_r (s_d . delta_r)(s_a . alpha_r) / n + ||s_d||^2 ||s_a||^2 / n^2
 
-    Every float32 rounding is relative to the deviations (the spread of the samples), not to the means. Returns
-    that result and the (Kg, o) float64 bin sums of D, n u."""
-    n32 = cnt.to(D.dtype)[:, None]
-    c, ca = D.sum(1) / n32, A.sum(1) / n32  # padding rows are zero
-    delta, alpha = D - c[:, None], A - ca[:, None]
-    if mask is not None:
-        delta, alpha = delta * mask, alpha * mask
-    sd, sa = delta.sum(1).to(F64), alpha.sum(1).to(F64)  # small (the spread): float32 sums suffice
-    u, v = c.to(F64) + sd / cnt[:, None], ca.to(F64) + sa / cnt[:, None]
+    Every float32 rounding is relative to the deviations (the spread of the samples), not to the means. The
+    centring runs on the rows; only M's products see the padded blocks. Also returns the (Kc, o) float64 bin sums
+    of d, n u."""
+    n, g = rows.count, rows.groups[0]
+    if len(rows.groups) == 1 and g.index is None:  # equal bins: (Kc, n, F) views, bin values broadcast
+        d3, a3 = d.view(-1, g.n, d.shape[1]), a.view(-1, g.n, a.shape[1])
+        c, ca = d3.mean(1), a3.mean(1)
+        delta, alpha = d3 - c[:, None], a3 - ca[:, None]
+        sd, sa = delta.sum(1).to(F64), alpha.sum(1).to(F64)  # small (the spread): float32 sums suffice
+    else:  # uneven bins: the bin values gathered for every row
+        c, ca = bin_sum(d, rows) / n.to(d.dtype)[:, None], bin_sum(a, rows) / n.to(a.dtype)[:, None]
+        delta, alpha = d - c.index_select(0, rows.rb), a - ca.index_select(0, rows.rb)
+        sd, sa = bin_sum(delta, rows).to(F64), bin_sum(alpha, rows).to(F64)
+    u, v = c.to(F64) + sd / n[:, None], ca.to(F64) + sa / n[:, None]
+    Kc = n.shape[0]
     if dense:
-        outer = (
-            torch.bmm((cnt[:, None] * u)[:, :, None], v[:, None])
-            - torch.bmm(sd[:, :, None], sa[:, None]) / cnt[:, None, None]
+        out = (
+            torch.bmm((n[:, None] * u)[:, :, None], v[:, None])
+            - torch.bmm(sd[:, :, None], sa[:, None]) / n[:, None, None]
         )
-        return outer.add_(torch.bmm(delta.transpose(1, 2), alpha)), cnt[:, None] * u
-    P = torch.bmm(delta, torch.stack([u, sd], 2).to(delta.dtype)).to(F64)  # (Kg, n, 2): u . delta_i, s_d . delta_i
-    Q = torch.bmm(alpha, torch.stack([v, sa], 2).to(alpha.dtype)).to(F64)
-    PQ = (P * Q).sum(1)  # (Kg, 2)
-    uMv = PQ[:, 0] - vdot(u, sd) * vdot(v, sa) / cnt
-    M2 = _outer_sqnorm(delta, alpha).to(F64) - 2 * PQ[:, 1] / cnt + vdot(sd, sd) * vdot(sa, sa) / cnt**2
-    return cnt * cnt * vdot(u, u) * vdot(v, v) + 2 * cnt * uMv + M2, cnt[:, None] * u
+        if delta.dim() == 3:
+            return out.add_(torch.bmm(delta.transpose(1, 2), alpha)), n[:, None] * u
+        for grp in rows.groups:
+            res = torch.bmm(rows.blocks(delta, grp).transpose(1, 2), rows.blocks(alpha, grp))
+            out.add_(res) if grp.bins is None else out.index_add_(0, grp.bins, res.to(F64))
+        return out, n[:, None] * u
+    W, Wa = torch.stack([u, sd], 2).to(d.dtype), torch.stack([v, sa], 2).to(a.dtype)  # (Kc, F, 2)
+    if delta.dim() == 3:  # (Kc, n, 2): u . delta_r, s_d . delta_r (and v, s_a with alpha_r)
+        PQ = (torch.bmm(delta, W) * torch.bmm(alpha, Wa)).sum(1).to(F64)
+        M2 = _outer_sqnorm(delta, alpha).to(F64)
+    else:  # the same on the padded blocks of each size class (zero rows add nothing)
+        PQ = M2 = None
+        for grp in rows.groups:
+            X, Y = rows.blocks(delta, grp), rows.blocks(alpha, grp)
+            Wg, Wag = (W, Wa) if grp.bins is None else (W.index_select(0, grp.bins), Wa.index_select(0, grp.bins))
+            PQ = _scatter(PQ, grp, (torch.bmm(X, Wg) * torch.bmm(Y, Wag)).sum(1).to(F64), Kc)
+            M2 = _scatter(M2, grp, _outer_sqnorm(X, Y).to(F64), Kc)
+    uMv = PQ[:, 0] - vdot(u, sd) * vdot(v, sa) / n
+    M2 = M2 - 2 * PQ[:, 1] / n + vdot(sd, sd) * vdot(sa, sa) / n**2
+    return n * n * vdot(u, u) * vdot(v, v) + 2 * n * uMv + M2, n[:, None] * u
 
 
-def linear_rows(a: Tensor, d: Tensor, rows: Rows, target: Tensor, dense: bool, centred: bool) -> None:
+def linear_rows(a: Tensor, d: Tensor, rows: Rows, target: Tensor, dense: bool, centre: bool) -> None:
     """Per-bin sum_{r in k} d_r a_r^T of the rows a (R, i), d (R, o), or its squared norm, added into ``target``:
-    float64 rows by float64 products, or (``centred``) float32 rows by :func:`_centred_group`."""
+    float64 rows by float64 products, or (``centre``) float32 rows by :func:`centred`."""
+    if centre:
+        target.add_(centred(d, a, rows, dense)[0])
+        return
     Kc, out = rows.count.shape[0], None
     for g in rows.groups:
-        cnt = rows.count if g.bins is None else rows.count.index_select(0, g.bins)
-        D, A = rows.blocks(d, g), rows.blocks(a, g)
-        if centred:
-            mask = None
-            if g.index is not None:
-                mask = (torch.arange(g.n, device=cnt.device)[None, :, None] < cnt[:, None, None]).to(d.dtype)
-            res = _centred_group(D, A, cnt, mask, dense)[0]
-        else:
-            res = _plain_group(D, A, dense)
+        res = _plain_group(rows.blocks(d, g), rows.blocks(a, g), dense)
         if dense:
             target.add_(res) if g.bins is None else target.index_add_(0, g.bins, res.to(target.dtype))
         else:
@@ -184,7 +208,7 @@ def fused_linear(items: list[tuple[Tensor, Tensor]], rows: Rows) -> tuple[Tensor
     """Small one-row-per-sample Linear layers l = 0..L-1 (``items``: input a_l (b, i_l), output gradient d_l
     (b, o_l)) in one pass, their factors zero-padded to common widths (padding changes no dot product): per-sample
     ||d_l||^2 ||a_l||^2 and ||d_l||^2 (L, b) (weight and bias, float64 accumulators), and per bin
-    ||sum d_l a_l^T||^2 and ||sum d_l||^2 (L, Kc): :func:`_centred_group` on float32 factors (float64 factors:
+    ||sum d_l a_l^T||^2 and ||sum d_l||^2 (L, Kc): :func:`centred` on float32 factors (float64 factors:
     :func:`_outer_sqnorm`), all layers and bins of a block in one batched product."""
     L, b = len(items), items[0][0].shape[0]
     Wi, Wo = max(a.shape[-1] for a, _ in items), max(d.shape[-1] for _, d in items)
@@ -195,22 +219,18 @@ def fused_linear(items: list[tuple[Tensor, Tensor]], rows: Rows) -> tuple[Tensor
         D[j, :, : d.shape[-1]] = d.reshape(b, -1)
     dn = torch.linalg.vector_norm(D, dim=2, dtype=F64).square()
     an = torch.linalg.vector_norm(A, dim=2, dtype=F64).square()
-    Kc, w, bias = rows.count.shape[0], None, None
-    for g in rows.groups:
-        if g.index is None:
-            Dg, Ag = D.view(-1, g.n, Wo), A.view(-1, g.n, Wi)
-        else:  # the appended row b is the zero row that pads the bins
-            Dg = F.pad(D, (0, 0, 0, 1)).index_select(1, g.index).view(-1, g.n, Wo)
-            Ag = F.pad(A, (0, 0, 0, 1)).index_select(1, g.index).view(-1, g.n, Wi)
-        cnt = (rows.count if g.bins is None else rows.count.index_select(0, g.bins)).repeat(L)
-        if dt == F64:
-            wv, s = _outer_sqnorm(Dg, Ag), Dg.sum(1)
-        else:
-            mask = None if g.index is None else (torch.arange(g.n, device=cnt.device)[:, None] < cnt[:, None, None])
-            wv, s = _centred_group(Dg, Ag, cnt, None if mask is None else mask.to(dt), False)
-        wv, bv = wv.view(L, -1).T, vdot(s, s).view(L, -1).T  # (Kg, L)
-        w, bias = _scatter(w, g, wv, Kc), _scatter(bias, g, bv, Kc)
-    return dn * an, dn, w.T, bias.T
+    if dt == F64:
+        Kc, w, bias = rows.count.shape[0], None, None
+        for g in rows.groups:
+            Dg = D.view(-1, g.n, Wo) if g.index is None else F.pad(D, (0, 0, 0, 1)).index_select(1, g.index)
+            Ag = A.view(-1, g.n, Wi) if g.index is None else F.pad(A, (0, 0, 0, 1)).index_select(1, g.index)
+            Dg, Ag = Dg.reshape(-1, g.n, Wo), Ag.reshape(-1, g.n, Wi)
+            s = Dg.sum(1)
+            wv, bv = _outer_sqnorm(Dg, Ag).view(L, -1).T, vdot(s, s).view(L, -1).T  # (Kg, L)
+            w, bias = _scatter(w, g, wv, Kc), _scatter(bias, g, bv, Kc)
+        return dn * an, dn, w.T, bias.T
+    wv, s = centred(D.view(L * b, Wo), A.view(L * b, Wi), repeat(rows, L), False)  # layer l: bins l Kc + k
+    return dn * an, dn, wv.view(L, -1), vdot(s, s).view(L, -1)
 
 
 def fusion_groups(shapes: list[tuple[int, int]], n: int, b: int) -> list[list[int]]:

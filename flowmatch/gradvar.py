@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmatch.binreduce import Sink
-from flowmatch.gradvar_memory import chunk_size_for
+from flowmatch.gradvar_memory import chunk_size_for, keep_host_heap
 from flowmatch.gradvar_plan import Chunk, ProbePlan, plan_probe
 from flowmatch.gradvar_stats import BinSums, GradVarStats, Layout
 from flowmatch.interpolants import PathSample
@@ -215,6 +215,8 @@ def bin_sums(
     order = ENGINES[ENGINES.index(method if method != "auto" else "hooks") :]
     p0, K = next(iter(params.values()), None), e.numel() - 1
     dev = p0.device if p0 is not None else probe.t.device
+    if dev.type == "cpu":
+        keep_host_heap()
     cache = _CACHE.setdefault(model, {})
     sig = (loss_fn, tuple((n, id(p), tuple(p.shape), p.dtype, p.device) for n, p in params.items()))
     job = Job(model, loss_fn, params)

@@ -16,8 +16,10 @@ kept for an all-reduce (8 P K bytes, ``sums_bytes``) are the result, needed what
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import os
 from dataclasses import fields
 
 import torch
@@ -25,7 +27,15 @@ from torch import Tensor, nn
 
 from flowmatch.interpolants import PathSample
 
-__all__ = ["MIB", "chunk_size_for", "measure_pilot", "transient_bytes", "auto_chunk_size", "free_bytes"]
+__all__ = [
+    "MIB",
+    "chunk_size_for",
+    "measure_pilot",
+    "transient_bytes",
+    "auto_chunk_size",
+    "free_bytes",
+    "keep_host_heap",
+]
 log = logging.getLogger(__name__)
 MIB = 2**20
 
@@ -120,3 +130,24 @@ def transient_bytes(sizes: dict, b: int) -> int:
         w = m.weight.numel() if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.weight is not None else 0
         out = max(out, (24 * (x + o)) // max(b, 1) + 12 * w)
     return out
+
+
+_HOST_HEAP = {"done": False}
+
+
+def keep_host_heap() -> None:
+    """On a glibc host, serve the probe's large temporaries from the heap instead of fresh mappings: mallopt
+    M_MMAP_THRESHOLD = 256 MiB, M_TRIM_THRESHOLD = 1 GiB, once per process (``FLOWMATCH_MALLOPT=0``: leave malloc
+    alone). torch's CPU allocator has no cache, and glibc maps every block over its (adaptive) threshold afresh and
+    unmaps it on free, so each call page-faults its temporaries in again; on a VM that cost up to half of a probe
+    (MLP width 256, K = 50: 18.7 ms -> 8.4 ms). Freed memory then stays with the process (as with jemalloc or
+    tcmalloc) rather than going back to the OS at once."""
+    if _HOST_HEAP["done"] or os.environ.get("FLOWMATCH_MALLOPT", "1") == "0":
+        return
+    _HOST_HEAP["done"] = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * MIB)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1024 * MIB)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
