@@ -14,7 +14,8 @@ backward passes, method="loop") gets its ratio too. When BackPACK or Opacus is i
 dependencies of flowmatch) their per-sample gradients, reduced to the same statistics, get rows of their own.
 Goal (issue 13): ratio <= 1.3 for the MLP at B = 256 (every width and K) and for the UNet.
 
-Run: ``python benchmarks/gradvar_cost.py [--reps N] [--only mlp,conv,unet] [--times random|stratified] [--loop]``.
+Run: ``python benchmarks/gradvar_cost.py [--reps N] [--only mlp,conv,unet] [--times random|stratified] [--loop]
+[--clock wall|cpu]`` (cpu: this thread's CPU time, for a machine shared with other jobs).
 """
 
 from __future__ import annotations
@@ -122,16 +123,16 @@ def library_probe(kind: str, model, batch, K):
     return run
 
 
-def measure(fns: dict, reps: int) -> dict:
+def measure(fns: dict, reps: int, clock=time.perf_counter) -> dict:
     """Median seconds of each function, called in alternating order after one warm-up call each."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(reps):
         for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[k]()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -141,12 +142,19 @@ def main() -> None:
     ap.add_argument("--only", default="mlp,conv,unet")
     ap.add_argument("--times", choices=("random", "stratified"), default="random")
     ap.add_argument("--loop", action="store_true", help="also time the naive loop (slow)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this thread's CPU time (a shared, loaded machine)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, times {args.times}, loss CFM(0.05), "
-        f"median of {args.reps} interleaved repetitions; ratio = probe / (forward + backward)"
+        f"median of {args.reps} interleaved repetitions ({args.clock} clock); ratio = probe / (forward + backward); "
+        f"load average {' '.join(open('/proc/loadavg').read().split()[:3]) if Path('/proc/loadavg').exists() else '?'}"
     )
     print(
         f"{'model':<20} {'B':>5} {'K':>3} {'params':>9} {'step ms':>9} {'probe ms':>9} {'ratio':>6}  engine/chunk"
@@ -170,7 +178,7 @@ def main() -> None:
             run = library_probe(kind, copy.deepcopy(model), batch, K)
             if run is not None:
                 fns[kind] = run
-        med = measure(fns, args.reps)
+        med = measure(fns, args.reps, time.perf_counter if args.clock == "wall" else time.thread_time)
         P = sum(p.numel() for p in model.parameters())
         extra = f"   {med['loop'] / med['step']:10.1f}" if args.loop else ""
         print(

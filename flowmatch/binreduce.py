@@ -108,6 +108,12 @@ def expand(x: Tensor, rows: Rows) -> Tensor:
     return x.index_select(0, rows.rb)
 
 
+def _thin(X: Tensor, W: Tensor) -> Tensor:
+    """(Kg, 2, n) = (X_k W_k)^T for X (Kg, n, F), W (Kg, F, 2), as W^T X^T (BLAS is slow with a 2-column right
+    factor: 75 us against 12 us for a 256 x 256 block on this CPU)."""
+    return torch.bmm(W.transpose(1, 2).contiguous(), X.transpose(1, 2))
+
+
 def centred(d: Tensor, a: Tensor, rows: Rows, dense: bool) -> tuple[Tensor, Tensor]:
     """Per bin k, sum_{r in k} d_r a_r^T (dense, (Kc, o, i)) or its squared norm ((Kc,)), both float64, of float32
     rows d (R, o), a (R, i), exactly, via centres c, c' (float32 bin means, rounded) and the deviations
@@ -147,14 +153,14 @@ def centred(d: Tensor, a: Tensor, rows: Rows, dense: bool) -> tuple[Tensor, Tens
         return out, n[:, None] * u
     W, Wa = torch.stack([u, sd], 2).to(d.dtype), torch.stack([v, sa], 2).to(a.dtype)  # (Kc, F, 2)
     if delta.dim() == 3:  # (Kc, n, 2): u . delta_r, s_d . delta_r (and v, s_a with alpha_r)
-        PQ = (torch.bmm(delta, W) * torch.bmm(alpha, Wa)).sum(1).to(F64)
+        PQ = (_thin(delta, W) * _thin(alpha, Wa)).sum(2).to(F64)
         M2 = _outer_sqnorm(delta, alpha).to(F64)
     else:  # the same on the padded blocks of each size class (zero rows add nothing)
         PQ = M2 = None
         for grp in rows.groups:
             X, Y = rows.blocks(delta, grp), rows.blocks(alpha, grp)
             Wg, Wag = (W, Wa) if grp.bins is None else (W.index_select(0, grp.bins), Wa.index_select(0, grp.bins))
-            PQ = _scatter(PQ, grp, (torch.bmm(X, Wg) * torch.bmm(Y, Wag)).sum(1).to(F64), Kc)
+            PQ = _scatter(PQ, grp, (_thin(X, Wg) * _thin(Y, Wag)).sum(2).to(F64), Kc)
             M2 = _scatter(M2, grp, _outer_sqnorm(X, Y).to(F64), Kc)
     uMv = PQ[:, 0] - vdot(u, sd) * vdot(v, sa) / n
     M2 = M2 - 2 * PQ[:, 1] / n + vdot(sd, sd) * vdot(sa, sa) / n**2
