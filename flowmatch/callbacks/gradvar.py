@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from flowmatch import gradvar as gv
-from flowmatch.gradvar_memory import keep_host_heap
 from flowmatch.callbacks.media import log_image
+from flowmatch.gradvar_memory import keep_host_heap
 from flowmatch.interpolants import PathSample
 from flowmatch.keys import gradvar_key, media_key
 from flowmatch.sampling import Solver
