@@ -121,7 +121,7 @@ CKPTS        = $$(ls $(RUNS)/$@/train/$(1)/*/checkpoints/last.ckpt | paste -sd, 
 # rotation (N 50 / 1000 x sigma 0 / 0.05), the rotated coupling with fresh draws and the independent coupling on the
 # same data (cannot memorize), 10k steps; digits with fixed pairs (sigma 0 / 0.05) and shuffled OT, 1k steps.
 # Step counts are cut from the experiments' own (prop2 20k, rotation 20k, digits 2k) to fit ~15 minutes on 2 cores;
-# probes every 200 / 250 / 100 steps (10 to 40 probes a run; digits: Euler 1 and 7 only and 128-pair probes, the
+# probes every 200 / 250 / 100 steps (10 to 40 probes a run; digits: Euler 1 and 7 only and 120-pair probes, the
 # UNet's probe costing ~40 training steps). Gaussian runs evaluate with Euler 101 instead of dopri5.
 MEM_CB      := callbacks=memorization
 MEM_GAUSS   := solver=euler solver.steps=101
@@ -130,7 +130,7 @@ MEM_FAST    := debug=fast callbacks.memorization.every_n_steps=10 callbacks.memo
 MEM_PROP2_SIZE  := trainer.max_steps=4000 callbacks.memorization.every_n_steps=200
 MEM_ROT_SIZE    := trainer.max_steps=10000 callbacks.memorization.every_n_steps=250
 MEM_DIGITS_SIZE := trainer.max_steps=1000 callbacks.memorization.every_n_steps=100 \
-                   callbacks.memorization.probe_size=128 'callbacks.memorization.euler_steps=[1,7]'
+                   callbacks.memorization.probe_size=120 'callbacks.memorization.euler_steps=[1,7]'
 MEM_PROP2_SWEEP   := data.dim=2,50 interpolant.sigma=0.0,0.05
 MEM_PROP2_FAST    := data.dim=2 interpolant.sigma=0.0
 MEM_FRESH_SWEEP   := data.dim=2,50

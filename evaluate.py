@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flowmatch.checkpoints import CheckpointError, architecture_error, read_checkpoint
 from flowmatch.entry import build, fail, preflight, run_evaluation, set_threads, user_errors, write_json
 from flowmatch.streams import generator
 
@@ -39,17 +40,18 @@ def load_checkpoint(cfg: DictConfig):
     """Rebuild (run config, datamodule, module, solver) from ``cfg.ckpt_path``."""
     if cfg.ckpt_path is None:
         fail(f"ckpt_path is required for task={cfg.task} (a checkpoint written by train.py)")
-    path = Path(cfg.ckpt_path)
-    if not path.exists():
-        fail(f"ckpt_path={str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    run_cfg = OmegaConf.create(ckpt.get("hyper_parameters", {}).get("config") or {})
-    if "model" not in run_cfg:
-        fail(f"ckpt_path={str(path)!r} was not written by flowmatch's train.py (no stored config)")
+    try:
+        ckpt = read_checkpoint(cfg.ckpt_path)
+    except CheckpointError as exc:
+        fail(str(exc))
+    run_cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
     with user_errors():
         datamodule, module, solver = build(run_cfg, ckpt.get(_datamodule_key(run_cfg), {}))
         if cfg.get("solver") is not None:
             solver = instantiate(cfg.solver)
+    problem = architecture_error(ckpt, module.model, OmegaConf.to_container(run_cfg.model), cfg.ckpt_path)
+    if problem:  # the stored config and the stored weights disagree: the file was altered
+        fail(problem)
     module.load_state_dict(ckpt["state_dict"])
     if cfg.use_ema and hasattr(module, "load_ema_from_checkpoint"):
         module.load_ema_from_checkpoint(ckpt)

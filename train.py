@@ -30,9 +30,11 @@ from flowmatch.entry import (
     refuse_sharded,
     run_evaluation,
     set_threads,
+    stop_nonfinite,
     user_errors,
     write_json,
 )
+from flowmatch.finite import NonFiniteLoss
 from flowmatch.keys import metric
 from flowmatch.resume import ExactResume
 
@@ -85,7 +87,7 @@ def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     set_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    with user_errors():
+    with user_errors(run_dir):
         datamodule, module, solver = build(cfg)
         eval_options = instantiate(cfg.eval)
         module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -124,7 +126,10 @@ def main(cfg: DictConfig) -> dict:
 def _fit_and_evaluate(trainer, module, datamodule, solver, eval_options, ckpt_path, run_dir: Path) -> dict:
     """Train, then (global rank zero only) evaluate, send the eval/ metrics to the loggers (wandb: every
     metrics.json value into the run's summary) and write metrics.json; returns its content ({} on other ranks)."""
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except NonFiniteLoss as exc:  # no evaluation, no checkpoint of the non-finite weights
+        stop_nonfinite(exc, run_dir / "checkpoints" / "last.ckpt")
     if not trainer.is_global_zero:
         return {}
     metrics = {metric("train/global_step"): float(trainer.global_step), **batch_protocol(*_batch(trainer, datamodule))}

@@ -10,8 +10,8 @@ Both loops (``benchmarks/loops.py``) run on the same objects, alternating (Light
 first in odd ones) so drifts of clock and temperature hit both; each cell is the median over rounds of steps/s
 after ``--warmup`` steps (the first measurement of each (precision, compile) cell is a discarded warm-up:
 compilation, autotuning). The probe: ``GradientVarianceCallback`` with the callback's own code
-(``scripts/probe_cost.py``'s ``time_probe``: bin_sums on ``--probe-size`` samples, 10 bins, chunk 64) vs the bare
-step of the first precision without compile.
+(``scripts/probe_cost.py``'s ``time_probe``: bin_sums on ``--probe-size`` samples, 10 bins, chunk size auto, under
+the first precision) vs the bare step of the first precision without compile.
 
 Prints one summary block (``flowmatch gpu-loop: summary``) and writes ``--out`` (JSON). Without CUDA: one line and
 exit status 3 (``--allow-cpu`` runs on the CPU, for a tiny model: the tests).
@@ -97,16 +97,23 @@ def measure(run, precisions, compiles, steps, warmup, rounds) -> list[dict]:
     return cells
 
 
-def probe_cost(run, probe_size: int, step_s: float) -> dict:
-    """Seconds of one interpolant probe (the callback's code) and that time in bare training steps."""
+def probe_cost(run, probe_size: int, step_s: float, bf16: bool) -> dict:
+    """Seconds of one interpolant probe as the callback runs it (chunk_size auto; bf16 autocast when ``bf16``) and
+    that time in bare training steps."""
     from probe_cost import time_probe
 
     from flowmatch.callbacks.gradvar import GradientVarianceCallback
 
-    cb = GradientVarianceCallback(bins=10, probe_size=probe_size, chunk_size=64, plot=False)
+    cb = GradientVarianceCallback(bins=10, probe_size=probe_size, plot=False)
     module = run.module.to(run.device)
-    probe_s = time_probe(cb, module, run.datamodule.coupling, run.device, repeats=2)
-    return {"probe_size": probe_size, "probe_s": probe_s, "step_s": step_s, "probe_in_steps": probe_s / step_s}
+    probe_s, info = time_probe(cb, module, run.datamodule.coupling, run.device, repeats=2, bf16=bf16)
+    return {
+        "probe_size": probe_size,
+        "probe_s": probe_s,
+        "step_s": step_s,
+        "probe_in_steps": probe_s / step_s,
+        "engine": {k: v for k, v in (info or {}).items() if isinstance(v, (int, float, str, type(None)))},
+    }
 
 
 def summary(info: dict, cells: list[dict], probe: dict | None) -> str:
@@ -126,7 +133,8 @@ def summary(info: dict, cells: list[dict], probe: dict | None) -> str:
         )
     if probe:
         lines.append(
-            f"gradient-variance probe ({probe['probe_size']} samples, 10 bins): {probe['probe_s']:.3f} s = "
+            f"gradient-variance probe ({probe['probe_size']} samples, 10 bins, chunk "
+            f"{probe['engine'].get('chunk_size', '?')}): {probe['probe_s']:.3f} s = "
             f"{probe['probe_in_steps']:.1f} bare training steps ({cells[0]['precision']}, compile off)"
         )
     return "\n".join(lines)
@@ -174,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     cells = measure(run, precisions, compiles, args.steps, args.warmup, args.rounds)
     info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     base = next(c for c in cells if not c["compile"]) if not all(c["compile"] for c in cells) else cells[0]
-    probe = probe_cost(run, args.probe_size, 1.0 / base["bare"]) if args.probe_size > 0 else None
+    bf16 = base["precision"].startswith("bf16")
+    probe = probe_cost(run, args.probe_size, 1.0 / base["bare"], bf16) if args.probe_size > 0 else None
     text = summary(info, cells, probe)
     print(text)
     result = {**info, "cells": cells, "probe": probe, "summary": text}

@@ -1,188 +1,198 @@
-"""Cost of the per-time-bin gradient-variance probe, measured side by side in one process (1 torch thread).
+"""Cost of the per-time-bin gradient-variance probe as a ratio to a training step, measured side by side in one
+process (1 torch thread), the two interleaved (alternating order) on the same model, batch and inputs.
 
-For each case (an MLP on 2-D data, B = 256; a small UNet on 32x32x3 images, B = 64) and K = 10 time bins it
-prints, as medians over alternating repetitions on the same batch:
+    step    forward + backward of the batch-mean flow-matching loss (no optimizer step)
+    probe   flowmatch.gradvar.bin_sums(model, batch, K, keep_sums=False) - what GradientVarianceCallback runs in one
+            process (chunk_size "auto", memory budget 2048 MiB as in conf/callbacks/gradvar.yaml; engine and
+            chunk printed); times t uniform on [0, 1] (uneven bins) or, with --times stratified, equal bins
+    ratio   median probe time / median step time over --reps repetitions after a warm-up
 
-    probe / train step   probe = flowmatch.gradvar.bin_sums(..., method="auto") (default chunk_size=64, and
-                         chunk_size=B); train step = forward + backward + Adam step on the same batch
-    loop / probe         loop = the same statistics from B separate forward+backward passes (method="loop")
-    peak extra memory    increase of the peak resident set size during one call (after a warm-up call), each
-                         (case, function) measured in a fresh child process: Linux VmHWM, reset through
-                         /proc/self/clear_refs just before the call, with glibc's mmap threshold pinned at 64 KiB
-                         so freed buffers go back to the OS (resource.getrusage ru_maxrss growth if clear_refs is
-                         not writable; the output says which).
+Rows: the MLP (flowmatch.models.mlp.MLP(2, width, depth=3)) at widths 64/256/1024 x K = 1/10/50 with B = 256, and
+at width 256, K = 10 with B = 64 and 1024; a plain conv net on 32x32x3 images (B = 64, K = 10); the small UNet
+(preset 'unet': GroupNorm, mid-level attention; B = 64, K = 10). With --loop the naive loop (B separate
+backward passes, method="loop") gets its ratio too. When BackPACK or Opacus is importable (optional, not
+dependencies of flowmatch) their per-sample gradients, reduced to the same statistics, get rows of their own.
+Goal (issue 13): ratio <= 1.3 for the MLP at B = 256 (every width and K) and for the UNet.
 
-Goals: probe <= 2x a training step on both cases; probe >= 10x faster than the loop on the MLP.
-Run: ``python benchmarks/gradvar_cost.py [--reps N]``.
+Run: ``python benchmarks/gradvar_cost.py [--reps N] [--only mlp,conv,unet] [--times random|stratified] [--loop]
+[--clock wall|cpu]`` (cpu: this thread's CPU time, for a machine shared with other jobs).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import resource
+import copy
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from flowmatch.gradvar import bin_sums
-from flowmatch.interpolants import CFM
-from flowmatch.losses import per_sample_loss
-from flowmatch.models.mlp import MLP
-from flowmatch.models.unet import UNet
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's flowmatch, not an installed one
+from flowmatch.gradvar import bin_edges, bin_index, bin_sums, stratified_times  # noqa: E402
+from flowmatch.gradvar_memory import keep_host_heap  # noqa: E402
+from flowmatch.interpolants import CFM  # noqa: E402
+from flowmatch.losses import per_sample_loss  # noqa: E402
+from flowmatch.models.mlp import MLP  # noqa: E402
+from flowmatch.models.unet import UNet  # noqa: E402
 
-K = 10
+BUDGET_MIB = 2048
 
 
-def _libc():
+class ConvNet(nn.Module):
+    """A plain conv net v(x, t): conv3x3 32, stride-2 conv 64, conv 64, nearest x2 + conv 32, conv3x3 out; SiLU;
+    the time enters through a Linear(1, 32) added to the first features."""
+
+    def __init__(self, c: int = 3) -> None:
+        super().__init__()
+        self.t = nn.Linear(1, 32)
+        self.c1, self.c2 = nn.Conv2d(c, 32, 3, padding=1), nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.c3, self.c4 = nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 32, 3, padding=1)
+        self.out = nn.Conv2d(32, c, 3, padding=1)
+
+    def forward(self, x, t):
+        h = F.silu(self.c1(x) + self.t(t[:, None].to(x.dtype))[:, :, None, None])
+        h = F.silu(self.c3(F.silu(self.c2(h))))
+        return self.out(F.silu(self.c4(F.interpolate(h, scale_factor=2.0, mode="nearest"))))
+
+
+def cases(only: set[str]):
+    """(row name, model factory, sample shape, B, K)."""
+    out = []
+    if "mlp" in only:
+        out += [
+            (f"MLP 3x{w}", lambda w=w: MLP(2, width=w, depth=3), (2,), 256, K)
+            for w in (64, 256, 1024)
+            for K in (1, 10, 50)
+        ]
+        out += [("MLP 3x256", lambda: MLP(2, width=256, depth=3), (2,), B, 10) for B in (64, 1024)]
+    if "conv" in only:
+        out.append(("conv net 32x32", ConvNet, (3, 32, 32), 64, 10))
+    if "unet" in only:
+        unet = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), num_heads=4)
+        out.append(("UNet (preset unet)", lambda: UNet(3, 32, dropout=0.0, **unet), (3, 32, 32), 64, 10))
+    return out
+
+
+def make_batch(shape, B, K, times):
+    """A CFM(0.05) PathSample of B samples; t uniform or stratified (equal counts in the K bins)."""
+    g = torch.Generator().manual_seed(1)
+    if times == "stratified":
+        t = stratified_times(-(-B // K), K, g)[torch.randperm(-(-B // K) * K, generator=g)[:B]]
+    else:
+        t = torch.rand(B, generator=g)
+    x0, x1, eps = (torch.randn(B, *shape, generator=g) for _ in range(3))
+    return CFM(0.05)(x0, x1, t, eps)
+
+
+def library_probe(kind: str, model, batch, K):
+    """BackPACK / Opacus per-sample gradients reduced to the same per-bin statistics (float64), or None."""
     try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
+        if kind == "BackPACK":
+            from backpack import backpack, extend
+            from backpack.extensions import BatchGrad
+        else:
+            from opacus import GradSampleModule
+    except ImportError:
         return None
+    kb = bin_index(batch.t, bin_edges(K))
+    if kind == "BackPACK":
+        net = extend(model)
+
+        def grads():
+            with backpack(BatchGrad()):
+                loss = per_sample_loss(net, batch).sum()
+                net.zero_grad()
+                loss.backward()
+            return [p.grad_batch for p in net.parameters()]
+    else:
+        net = GradSampleModule(model)
+
+        def grads():
+            net.zero_grad()
+            per_sample_loss(net, batch).sum().backward()
+            return [p.grad_sample for p in net.parameters()]
+
+    def run():
+        G = torch.cat([g.reshape(g.shape[0], -1) for g in grads()], 1).double()
+        sums = torch.zeros(K + 1, G.shape[1], dtype=torch.float64).index_add_(0, kb, G)
+        return (G * G).sum(1), sums
+
+    return run
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def peak_extra_mib(fn) -> tuple[float, str]:
-    """Peak RSS increase during fn() in MiB, and the method used."""
-    libc = _libc()
-    gc.collect()
-    if libc is not None:
-        libc.malloc_trim(0)
-    base = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        fn()
-        return (_status_kb("VmHWM") - base) / 1024, "VmHWM"
-    except OSError:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, "ru_maxrss"
-
-
-def make_cases():
-    """(name, model, sample shape, B, description) of the two benchmark cases."""
-    mlp = MLP(2, width=256, depth=3)
-    unet = UNet(
-        3,
-        32,
-        base_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(),
-        dropout=0.0,
-        num_heads=4,
-    )
-    return [
-        ("MLP", mlp, (2,), 256, "flowmatch.models.mlp.MLP(2, width=256, depth=3)"),
-        (
-            "UNet",
-            unet,
-            (3, 32, 32),
-            64,
-            "flowmatch.models.unet.UNet, preset 'unet' (base 32, mult (1,2), 1 res block, mid attention)",
-        ),
-    ]
-
-
-def make_fns(name, model, shape, B):
-    """The timed functions of one case on one fixed CFM(0.05) batch (a PathSample)."""
-    torch.manual_seed(1)
-    batch = CFM(0.05)(torch.randn(B, *shape), torch.randn(B, *shape), torch.rand(B), torch.randn(B, *shape))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    used = {}
-
-    def train():
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        per_sample_loss(model, batch).mean().backward()
-        opt.step()
-
-    def probe(chunk):
-        def run():
-            used[chunk] = bin_sums(model, batch, K, chunk_size=chunk).method
-
-        return run
-
-    def loop():
-        bin_sums(model, batch, K, method="loop")
-
-    chunks = sorted({64, B})
-    return {"train step": train, **{f"probe chunk={c}": probe(c) for c in chunks}, "naive loop": loop}, chunks, used
-
-
-def time_case(name, fns, reps):
-    for fn in fns.values():  # warm-up (allocator, Adam state, first-call costs)
+def measure(fns: dict, reps: int, clock=time.perf_counter) -> dict:
+    """Median seconds of each function, called in alternating order after one warm-up call each."""
+    for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(reps):
-        for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:  # alternate the order
-            if k == "naive loop" and name != "MLP" and r >= 2:
-                continue  # the UNet loop is slow; 2 repetitions
-            t0 = time.perf_counter()
+        for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+            t0 = clock()
             fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def memory_child(case: str, key: str) -> None:
-    """Child-process mode: print the peak extra memory of one warm call of fns[key] for one case."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so large freed buffers are unmapped
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    for name, model, shape, B, _ in make_cases():
-        if name == case:
-            fns = make_fns(name, model, shape, B)[0]
-            fns["train step"]()
-            fns[key]()
-            mib, how = peak_extra_mib(fns[key])
-            print(f"{mib:.1f} {how}")
+            times[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--memory-child", nargs=2, metavar=("CASE", "FN"), help=argparse.SUPPRESS)
+    keep_host_heap()  # as GradientVarianceCallback does on the CPU (flowmatch/gradvar_memory.py)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--only", default="mlp,conv,unet")
+    ap.add_argument("--times", choices=("random", "stratified"), default="random")
+    ap.add_argument("--loop", action="store_true", help="also time the naive loop (slow)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this thread's CPU time (a shared, loaded machine)",
+    )
     args = ap.parse_args()
-    if args.memory_child:
-        return memory_child(*args.memory_child)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, K = {K} bins, loss = CFM(0.05) per-sample")
-    for name, model, shape, B, note in make_cases():
-        fns, chunks, used = make_fns(name, model, shape, B)
-        times = time_case(name, fns, args.reps if name == "MLP" else max(3, args.reps // 2))
-        med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, times {args.times}, loss CFM(0.05), "
+        f"median of {args.reps} interleaved repetitions ({args.clock} clock); ratio = probe / (forward + backward); "
+        f"load average {' '.join(open('/proc/loadavg').read().split()[:3]) if Path('/proc/loadavg').exists() else '?'}"
+    )
+    print(
+        f"{'model':<20} {'B':>5} {'K':>3} {'params':>9} {'step ms':>9} {'probe ms':>9} {'ratio':>6}  engine/chunk"
+        + ("   loop ratio" if args.loop else "")
+    )
+    for name, factory, shape, B, K in cases(set(args.only.split(","))):
+        model, batch, used = factory(), make_batch(shape, B, K, args.times), {}
+
+        def step(model=model, batch=batch):
+            model.zero_grad(set_to_none=True)
+            per_sample_loss(model, batch).mean().backward()
+
+        def probe(model=model, batch=batch, K=K, used=used):
+            s = bin_sums(model, batch, K, memory_budget_mib=BUDGET_MIB, keep_sums=False)
+            used.update(s.info)
+
+        fns = {"step": step, "probe": probe}
+        if args.loop:
+            fns["loop"] = lambda model=model, batch=batch, K=K: bin_sums(model, batch, K, method="loop")
+        for kind in ("BackPACK", "Opacus"):
+            run = library_probe(kind, copy.deepcopy(model), batch, K)
+            if run is not None:
+                fns[kind] = run
+        med = measure(fns, args.reps, time.perf_counter if args.clock == "wall" else time.thread_time)
         P = sum(p.numel() for p in model.parameters())
-        print(f"\n== {name}: {note}; {P:,} parameters, B = {B}, engine used: {used[64]}")
-        for k in fns:
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-child", name, k], capture_output=True, text=True
-            ).stdout.split()
-            mem = f"{out[0]:>7} MiB ({out[1]})" if len(out) == 2 else "n/a"
-            print(f"  {k:<16} {med[k] * 1e3:9.1f} ms (median of {len(times[k])})   peak extra memory {mem}")
-        for c in chunks:
-            p = med[f"probe chunk={c}"]
-            print(
-                f"  chunk={c:<4} probe / train step = {p / med['train step']:5.2f}   "
-                f"naive loop / probe = {med['naive loop'] / p:6.1f}"
-            )
+        extra = f"   {med['loop'] / med['step']:10.1f}" if args.loop else ""
+        print(
+            f"{name:<20} {B:>5} {K:>3} {P:>9,} {med['step'] * 1e3:9.2f} {med['probe'] * 1e3:9.2f} "
+            f"{med['probe'] / med['step']:6.2f}  {used['engine']}/{used['chunk_size']}{extra}"
+        )
+        for kind in ("BackPACK", "Opacus"):
+            if kind in med:
+                print(
+                    f"{'  ' + kind:<20} {B:>5} {K:>3} {'':>9} {'':>9} {med[kind] * 1e3:9.2f} "
+                    f"{med[kind] / med['step']:6.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,13 +20,17 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Mis
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flowmatch.checkpoints import CheckpointError, architecture_error, read_checkpoint
+from flowmatch.preconditions import output_dir_error, wandb_error
+from flowmatch.validate import config_errors
+
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def fail(message: str) -> None:
-    """Print one clear error line and stop (exit status 2)."""
+def fail(message: str, status: int = 2) -> None:
+    """Print one clear error line and stop (exit status 2: bad input; 1: a fault at run time)."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def _first_values(args: list[str]) -> list[str] | None:
@@ -65,43 +70,153 @@ def _explain_unknown_key(config_name: str, overrides: list[str], bad: str) -> st
 
 
 def preflight(config_name: str, argv: list[str] | None = None) -> None:
-    """Compose the config for the command line (first value of each sweep) before Hydra runs,
-    so an unknown option or a misspelt key stops with one message naming the allowed values."""
+    """Check the command line before Hydra runs (so before the run directory exists) and stop with one line at its
+    first problem (:func:`first_error`)."""
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in args):
         return
+    message = first_error(config_name, args)
+    if message:
+        fail(message)
+
+
+def first_error(config_name: str, args: list[str]) -> str | None:
+    """The first problem of a command line (every sweep at its first value; a sweep launcher can pass each job's
+    overrides), or None: unknown options and keys (naming what exists), then ``flowmatch.validate.config_errors``,
+    then :func:`run_errors` (docs/DESIGN.md, "Errors")."""
     try:
         overrides = _first_values(args)
-    except Exception as exc:  # a syntax error: Hydra reports it itself
-        fail(str(exc).strip().splitlines()[0])
+    except Exception as exc:  # a syntax error
+        return str(exc).strip().splitlines()[0]
     if overrides is None:
-        return
+        return None
+    dirs = [a for a in args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name, overrides=overrides, return_hydra_config=True)
+            cfg = compose(config_name, overrides=overrides + dirs, return_hydra_config=True)
+            reference = _reference(config_name, overrides)
     except MissingConfigException as exc:
-        fail(" ".join(str(exc).split("Config search path")[0].split()))
+        return " ".join(str(exc).split("Config search path")[0].split())
     except ConfigCompositionException as exc:
         text = str(exc) + " " + str(exc.__cause__ or "")
         if "not in struct" in text or "Key '" in text:
             bad = text.split("Could not override '", 1)[-1].split("'", 1)[0] if "Could not override '" in text else ""
             if bad:
-                fail(_explain_unknown_key(config_name, overrides, bad))
-        fail(" ".join(str(exc).split()))
+                return _explain_unknown_key(config_name, overrides, bad)
+        return " ".join(str(exc).split())
+    value_keys = [o.split("=", 1)[0].lstrip("+") for o in overrides if "=" in o and not _is_group(o)]
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    errors = config_errors(cfg, reference, value_keys) or run_errors(config_name, cfg, multirun)
+    return errors[0] if errors else None
+
+
+def _is_group(override: str) -> bool:
+    """Whether an override chooses a config group option (``interpolant=cfm``) rather than sets a value."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return (Path(CONF_DIR) / key.replace(".", "/")).is_dir() or key.startswith("~") or override.startswith("~")
+
+
+def _reference(config_name: str, overrides: list[str]):
+    """The config with the command line's group choices only: the types its value overrides must keep."""
+    try:
+        return compose(config_name, overrides=[o for o in overrides if _is_group(o)])
+    except Exception:
+        return None
+
+
+EVAL_TASKS_WITH_CKPT = ("metrics", "reflow_pairs", "stability")
+
+
+def run_errors(config_name: str, cfg: DictConfig, multirun: bool = False) -> list[str]:
+    """What the machine and the named files must provide (checked after the config itself, before any work):
+    a writable output directory, a GPU for a GPU trainer, wandb credentials or an offline mode, and a usable
+    ``ckpt_path``."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    raw = OmegaConf.to_container(cfg.hydra.sweep if multirun else cfg.hydra.run, resolve=False)["dir"]
+    errors = [e for e in [output_dir_error(str(raw), key)] if e]
+    logger = cfg.get("logger") or {}
+    if config_name == "train" and isinstance(logger.get("wandb"), DictConfig) and "_target_" in logger.wandb:
+        errors += [e for e in [wandb_error({"offline": logger.wandb.get("offline")})] if e]
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if config_name == "train" and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        errors.append(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA GPU (use trainer=cpu or ddp_cpu)"
+        )
+    ckpt_path = cfg.get("ckpt_path")
+    if config_name == "evaluate" and cfg.get("task") in EVAL_TASKS_WITH_CKPT and ckpt_path is None:
+        errors.append(
+            f"ckpt_path is required for task={cfg.task} (a checkpoint written by train.py: RUN/checkpoints/last.ckpt)"
+        )
+    if ckpt_path is not None and not (config_name == "train" and ckpt_path == "last"):
+        if config_name == "train" or cfg.get("task") in EVAL_TASKS_WITH_CKPT:
+            errors += _checkpoint_errors(ckpt_path, cfg.model if config_name == "train" else None)
+    return errors
+
+
+def _checkpoint_errors(path, model_cfg: DictConfig | None) -> list[str]:
+    """A usable checkpoint (``flowmatch.checkpoints``); with ``model_cfg``, holding that architecture (the model
+    is built on the meta device: no memory, no time)."""
+    try:
+        ckpt = read_checkpoint(path, mmap=True)
+    except CheckpointError as exc:
+        return [str(exc)]
+    if model_cfg is None:
+        return []
+    try:
+        with torch.device("meta"):
+            model = instantiate(model_cfg)
+    except Exception:  # the model's own checks report it when it is built for real
+        return []
+    message = architecture_error(ckpt, model, OmegaConf.to_container(model_cfg, resolve=True), path)
+    return [message] if message else []
+
+
+HYDRA_FILES = (".hydra",)
+
+
+def discard_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but what Hydra wrote at the start (``.hydra/``, ``*.log``): after
+    a config error, no empty run directory is left behind."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any(p.name not in HYDRA_FILES and p.suffix != ".log" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def user_errors():
-    """Turn a configuration error raised while building components into one clear line."""
+def user_errors(run_dir: Path | None = None):
+    """Turn a configuration error raised while building components into one clear line; ``run_dir``: removed
+    when it holds nothing but Hydra's own files (:func:`discard_run_dir`)."""
     try:
         yield
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
+        if run_dir is not None:
+            discard_run_dir(run_dir)
         fail(
             str(cause) if isinstance(cause, (ValueError, FileNotFoundError, TypeError)) else " ".join(str(exc).split())
         )
     except (ValueError, FileNotFoundError) as exc:
+        if run_dir is not None:
+            discard_run_dir(run_dir)
         fail(str(exc))
+    except SystemExit:
+        if run_dir is not None:
+            discard_run_dir(run_dir)
+        raise
+
+
+def stop_nonfinite(exc: Exception, last_ckpt: Path) -> None:
+    """Stop after a non-finite training loss (``flowmatch.finite.NonFiniteLoss``) with one line naming the step,
+    the last finite loss and the checkpoint kept (exit status 1)."""
+    kept = "no checkpoint was written"
+    if Path(last_ckpt).exists():
+        try:
+            step = torch.load(last_ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", "?")
+        except Exception:
+            step = "?"
+        kept = f"{last_ckpt} (step {step}) is kept"
+    fail(f"{exc}; stopped without evaluating; {kept}. Lower optimizer.lr or check the data", status=1)
 
 
 def set_threads(threads) -> None:
@@ -149,8 +264,12 @@ def run_evaluation(module, datamodule, solver, options, device, run_dir: Path, c
     on the sampling weights), ``eval/...`` and ``protocol/...`` keys (plus which checkpoint and whether EMA
     weights were used); saves the kept trajectories of the training sources in ``eval_trajectories.pt``."""
     from flowmatch.evaluation import evaluate_module
+    from flowmatch.sampling import IntegrationError
 
-    result = evaluate_module(module, datamodule.eval_setup(), solver, options, device, ckpt_path=str(ckpt_path))
+    try:
+        result = evaluate_module(module, datamodule.eval_setup(), solver, options, device, ckpt_path=str(ckpt_path))
+    except IntegrationError as exc:
+        fail(f"the evaluation stopped: {exc}; {ckpt_path} is kept", status=1)
     if result.trajectories:
         x0, x1 = datamodule.coupling.pairs
         torch.save({"x0": x0, "x1": x1, **result.trajectories}, Path(run_dir) / "eval_trajectories.pt")

@@ -31,7 +31,7 @@ from flowmatch.couplings import ot_assignment
 from flowmatch.distributions import Distribution, gaussian_ot_map_fn
 from flowmatch.gaussian import gaussian_w2
 from flowmatch.keys import metric
-from flowmatch.sampling import Solver
+from flowmatch.sampling import IntegrationError, Solver
 from flowmatch.streams import generator
 
 __all__ = [
@@ -157,9 +157,17 @@ def ot_partners(setup: EvalSetup, x0: Tensor) -> Tensor | None:
 
 
 def _integrate(velocity: Velocity, solver: Solver, x0: Tensor, device, batch_size: int | None = None):
-    """Endpoints (CPU) and mean NFE of ``solver`` from ``x0``, in chunks of ``batch_size`` (None: one batch)."""
+    """Endpoints (CPU) and mean NFE of ``solver`` from ``x0``, in chunks of ``batch_size`` (None: one batch);
+    :class:`IntegrationError` when an endpoint is NaN or inf."""
     parts = [solver.integrate(velocity, c.to(device)) for c in (x0.split(int(batch_size)) if batch_size else [x0])]
-    return torch.cat([p.x1.cpu() for p in parts]), sum(p.nfe for p in parts) / len(parts)
+    x1 = torch.cat([p.x1.cpu() for p in parts])
+    bad = int((~torch.isfinite(x1.flatten(1))).any(1).sum())
+    if bad:  # no metric of such endpoints means anything (W2 would blame a non-symmetric covariance)
+        raise IntegrationError(
+            f"{solver.tag} sends {bad} of {len(x1)} sources to NaN or inf: the learned field is not usable (a diverged "
+            f"training?)"
+        )
+    return x1, sum(p.nfe for p in parts) / len(parts)
 
 
 def _pair_scores(x1_hat: Tensor, x1: Tensor, x1_ot: Tensor | None, k: int | None) -> dict[str, float]:

@@ -14,9 +14,12 @@ samples outside [e_0, e_K] are ignored. For bin k with n_k samples (I_k their in
 
 Only the sufficient statistics n_k, sum l_i, sum ||g_i||^2 and sum g_i (K x P) are accumulated, streaming over
 chunks of the probe (:class:`BinSums`), so memory is O(K P + chunk cost) and sums from several processes add up
-exactly (one all-reduce SUM of :meth:`BinSums.as_tensor`). Per parameter group the same formulas hold with g_i
-restricted to the group's parameters. Per-sample gradients are exact (:mod:`flowmatch.persample`); every sum
-and squared norm is float64 whatever the model's dtype, because grad_var_k cancels the two terms of its
+exactly (one all-reduce SUM of :meth:`BinSums.as_tensor`); in one process (``keep_sums=False``) sum g_i is
+replaced by ||sum g_i||^2 per bin and parameter, all the statistics need, with no K x P memory traffic. Per
+parameter group the same formulas hold with g_i restricted to the group's parameters. Per-sample gradients are
+exact (:mod:`flowmatch.persample`), reduced for all bins of a chunk at once (:mod:`flowmatch.binreduce`: cost
+independent of K); every sum and squared norm is float64 whatever the model's dtype (or formed from centred
+factors whose float32 rounding is relative to the spread), because grad_var_k cancels the two terms of its
 numerator E||g||^2 / tr Cov-fold (about 1e6 when the mean gradient is 1000 times the per-sample spread).
 """
 
@@ -24,16 +27,20 @@ from __future__ import annotations
 
 import logging
 import numbers
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Mapping
 from dataclasses import fields
 
 import torch
 from torch import Tensor, nn
 
+from flowmatch.binreduce import Sink
+from flowmatch.gradvar_memory import chunk_size_for
+from flowmatch.gradvar_plan import Chunk, ProbePlan, plan_probe
 from flowmatch.gradvar_stats import BinSums, GradVarStats, Layout
 from flowmatch.interpolants import PathSample
 from flowmatch.losses import per_sample_loss
-from flowmatch.persample import Chunk, HooksUnsupported, Job, LossFn, loop_engine, vmap_engine
+from flowmatch.persample import HooksUnsupported, Job, LossFn, loop_engine, vmap_engine
 from flowmatch.persample_hooks import HooksEngine
 
 __all__ = [
@@ -49,6 +56,9 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 COLUMNS = ("step", "t_lo", "t_hi", "n", "loss", "grad_var", "grad_sqnorm", "mean_grad_sqnorm")
+ENGINES = ("hooks", "vmap", "loop")
+_FUNCS = {"vmap": vmap_engine, "loop": loop_engine}
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: engine, estimate or plan}
 _KEY = "callbacks.gradvar.bins"
 
 
@@ -133,17 +143,20 @@ def _resolve_groups(model: nn.Module, params: dict, groups) -> tuple:
 
 
 class TrainModeGuard:
-    """model.eval() for the probe (dropout off, BatchNorm on running stats), restoring every module's mode."""
+    """Eval mode for the probe (dropout off, BatchNorm on running stats), restoring every module's mode."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model, self.modes = model, [(m, m.training) for m in model.modules()]
+        self.modes = [(m, m.training) for m in model.modules()]
 
-    def __enter__(self):
-        self.model.eval()
+    def __enter__(self):  # object.__setattr__: ``training`` is a plain attribute; skips Module.__setattr__'s checks
+        for m, mode in self.modes:
+            if mode:
+                object.__setattr__(m, "training", False)
 
     def __exit__(self, *exc):
         for m, mode in self.modes:
-            m.training = mode
+            if m.training != mode:
+                object.__setattr__(m, "training", mode)
 
 
 def bin_sums(
@@ -153,30 +166,43 @@ def bin_sums(
     *,
     loss_fn: LossFn = per_sample_loss,
     method: str = "auto",
-    chunk_size: int = 64,
+    chunk_size: int | str = "auto",
+    memory_budget_mib: float | None = None,
     groups=None,
     verify: bool = True,
+    keep_sums: bool = True,
 ) -> BinSums:
-    """Stream the probe in chunks of ``chunk_size`` and accumulate :class:`BinSums` (see module docstring).
+    """Stream the probe in chunks and accumulate :class:`BinSums` (see module docstring).
 
     ``probe``: a :class:`~flowmatch.interpolants.PathSample` (B samples); ``probe.t`` bins them.
     ``loss_fn(model, path) -> (b,)`` per-sample losses on a slice of the probe (default: the flow-matching loss
     :func:`~flowmatch.losses.per_sample_loss`), deterministic given the slice. ``method``: "hooks" (one
     forward+backward per chunk, exact for Linear/Conv1d/Conv2d/LayerNorm/GroupNorm/Embedding), "vmap", "loop"
-    or "auto" (hooks when every
-    trainable parameter is in a supported layer, else vmap). If an engine cannot handle the model it falls back
-    hooks -> vmap -> loop (logged; ``result.method`` names the engine used). The model runs in eval mode (its
-    modes are restored) and no ``.grad`` is touched. ``groups``: None, "module", "layer" or {name: [param
-    names]}. ``verify`` (hooks): check the first sample against a direct backward on it alone.
+    or "auto" (hooks when every trainable parameter is in a supported layer, else vmap). If an engine cannot
+    handle the model it falls back hooks -> vmap -> loop (logged; ``result.method`` names the engine used). The
+    model runs in eval mode (its modes are restored) and no ``.grad`` is touched. ``groups``: None, "module",
+    "layer" or {name: [param names]}. ``verify`` (hooks): check the first sample against a direct backward on it
+    alone, on the first call for this model and parameter layout.
 
-    The probe is reordered by bin and processed ``chunk_size`` samples at a time. Memory: K x P float64 sums
-    plus, per chunk, about a training step's activations (hooks; Conv layers add chunk x weight-size per layer
-    while it is processed), chunk x P per-sample gradients (vmap), or one sample's graph (loop). Under DDP call
-    it on the bare module of every rank with that rank's probe shard, all-reduce ``as_tensor()`` (SUM) and read
-    it back with ``from_tensor``: the result equals one process on the union probe.
+    The probe is sorted by bin and packed into chunks of whole bins of at most ``chunk_size`` samples
+    (:mod:`flowmatch.gradvar_plan`); every per-bin reduction covers all bins of a chunk at once
+    (:mod:`flowmatch.binreduce`). ``chunk_size="auto"``: the largest chunk whose estimated memory (activations
+    saved for the backward and their gradients, the engine's per-layer working memory, the sums) fits
+    ``memory_budget_mib`` MiB (None: a quarter of the device's free memory). Engine, sorting, chunk plan and
+    memory estimate are cached per model, parameter layout and probe times: repeated probes pay them once.
+    ``keep_sums=False``: the (K, P) gradient sums are never formed, only their squared norms (same statistics,
+    no K x P memory traffic; cannot be merged or all-reduced). ``result.info`` records engine, chunk size, number
+    of chunks and memory estimate. Under DDP call it (``keep_sums=True``) on the bare module of every rank with
+    that rank's probe shard, all-reduce ``as_tensor()`` (SUM) and read it back with ``from_tensor``: the result
+    equals one process on the union probe.
     """
-    if method not in ("auto", "hooks", "vmap", "loop"):
-        raise ValueError(f"method must be 'auto', 'hooks', 'vmap' or 'loop', got {method!r}")
+    if method not in ("auto", *ENGINES):
+        raise ValueError(f"method must be one of {['auto', *ENGINES]}, got {method!r}")
+    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be 'auto' or an integer >= 1, got {chunk_size!r}")
+    budget_ok = isinstance(memory_budget_mib, numbers.Real) and not isinstance(memory_budget_mib, bool)
+    if memory_budget_mib is not None and not (budget_ok and memory_budget_mib > 0):
+        raise ValueError(f"memory_budget_mib must be a number > 0 (MiB) or None, got {memory_budget_mib!r}")
     e = bin_edges(edges)
     if not isinstance(probe, PathSample):
         raise ValueError(f"probe must be a flowmatch.interpolants.PathSample, got {type(probe).__name__}")
@@ -186,20 +212,34 @@ def bin_sums(
         raise ValueError(f"probe fields {bad} do not have batch dimension {B} first")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     layout = Layout(tuple(params), tuple(p.numel() for p in params.values()), _resolve_groups(model, params, groups))
-    order = ["hooks", "vmap", "loop"][["hooks", "vmap", "loop"].index(method if method != "auto" else "hooks") :]
-    p0 = next(iter(params.values()), None)
+    order = ENGINES[ENGINES.index(method if method != "auto" else "hooks") :]
+    p0, K = next(iter(params.values()), None), e.numel() - 1
     dev = p0.device if p0 is not None else probe.t.device
+    cache = _CACHE.setdefault(model, {})
+    sig = (loss_fn, tuple((n, id(p), tuple(p.shape), p.dtype, p.device) for n, p in params.items()))
+    job = Job(model, loss_fn, params)
     with TrainModeGuard(model), torch.enable_grad():
         for i, name in enumerate(order):
-            out = BinSums.zeros(e, layout, dev, name)  # fresh sums for every engine tried
-            acc = {n: b.view(b.shape[0], *p.shape) for (n, b), p in zip(out.blocks().items(), params.values())}
             try:
-                if name == "hooks":
-                    engine = HooksEngine(model, params, verify=verify)
-                else:
-                    engine = vmap_engine if name == "vmap" else loop_engine
-                return _accumulate(engine, Job(model, loss_fn, params, acc), out, _chunks(probe, e, chunk_size, dev))
+                engine = _engine(cache, (name, *sig), model, params, verify)
+                mods = list(engine.plan) if name == "hooks" else []
+                cs, est = chunk_size_for(
+                    cache, (name, *sig), mods, job, probe, K, chunk_size, memory_budget_mib, keep_sums
+                )
+                plan = _probe_plan(cache, probe.t, e, cs, dev)
+                path = probe if plan.order is None else probe[plan.order]
+                one = len(plan.specs) == 1 and plan.specs[0].end == len(path)
+                chunks = (Chunk(path if one else path[s.start : s.end], s) for s in plan.specs)
+                out = _accumulate(engine, job, BinSums.zeros(e, layout, dev, name, keep_sums), chunks, plan)
+                out.info = {"engine": name, "chunk_size": cs, "chunk_size_setting": chunk_size}
+                out.info.update(n_chunks=len(plan.specs), keep_sums=keep_sums, device=str(dev), **est)
+                amp = dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)
+                out.info.update(dtype=str(p0.dtype) if p0 is not None else None, autocast=amp)
+                return out
             except RuntimeError as err:  # HooksUnsupported, or vmap's "not supported" errors
+                if isinstance(err, HooksUnsupported):  # remembered: later calls skip the engine at once
+                    cache[("unsupported", name, *sig)] = err
+                    cache.pop((name, *sig), None)
                 if name == "loop":
                     raise
                 planned = isinstance(err, HooksUnsupported) and method == "auto" and i == 0
@@ -208,31 +248,55 @@ def bin_sums(
     raise AssertionError("unreachable")
 
 
-def _chunks(probe: PathSample, e: Tensor, chunk_size: int, device) -> Iterator[Chunk]:
-    """The probe sorted by bin (sums are order-free; chunks then hold few runs of equal bins), without the
-    samples outside the edges, cut into :class:`~flowmatch.persample.Chunk` s of ``chunk_size`` samples."""
-    K, step = e.numel() - 1, max(1, int(chunk_size))
-    bins = bin_index(probe.t, e)
-    order = torch.argsort(bins, stable=True)[: int((bins < K).sum())]
-    probe, bins = probe[order], bins[order].tolist()
-    for i in range(0, len(bins), step):
-        cb = bins[i : i + step]
-        starts = [j for j in range(len(cb)) if j == 0 or cb[j] != cb[j - 1]]
-        segs = tuple((cb[s], s, t) for s, t in zip(starts, starts[1:] + [len(cb)]))
-        yield Chunk(probe[i : i + len(cb)], torch.tensor(cb, device=device), segs)
+def _engine(cache: dict, key: tuple, model: nn.Module, params: dict, verify: bool):
+    """The engine ``key[0]`` for this model and parameter layout, built once (with ``verify``, the hooks engine
+    checks its first call); a hooks engine found unusable before raises its HooksUnsupported again at once."""
+    if ("unsupported", *key) in cache:
+        raise cache[("unsupported", *key)]
+    engine = cache.get(key)
+    if engine is None:
+        engine = cache[key] = HooksEngine(model, params, verify=verify) if key[0] == "hooks" else _FUNCS[key[0]]
+    return engine
 
 
-def _accumulate(engine, job: Job, out: BinSums, chunks: Iterator[Chunk]) -> BinSums:
-    """Run ``engine(job, chunk)`` on every chunk: the engine adds the per-bin gradient sums into ``job.acc``
-    (views of ``out.grad_flat``); the counts, losses and squared norms (total and per group) are added here."""
-    layout = out.layout
+def _probe_plan(cache: dict, t: Tensor, e: Tensor, chunk_size: int, device) -> ProbePlan:
+    """The probe's sorting and chunk plan, cached for these times, edges and chunk size."""
+    key = ("plan", tuple(e.tolist()), int(chunk_size), str(device))
+    plan = cache.get(key)
+    if plan is None or plan.t.shape != t.shape or plan.t.dtype != t.dtype or not torch.equal(plan.t, t):
+        plan = cache[key] = plan_probe(t, bin_index(t, e), e.numel() - 1, chunk_size, device)
+    return plan
+
+
+def _accumulate(engine, job: Job, out: BinSums, chunks, plan: ProbePlan) -> BinSums:
+    """Run ``engine(job, chunk, sink)`` on every chunk: the engine adds the per-bin gradient sums (into
+    ``out.grad_flat``) or their squared norms (``out.sum_sqnorm``; a bin cut into pieces sums its pieces first,
+    then takes the norm); the counts, losses and per-sample squared norms (total and per group) are added here."""
+    layout, keep, dev = out.layout, out.grad_flat is not None, out.n.device
+    shapes = {n: p.shape for n, p in job.params.items()}
+    blocks = out.blocks() if keep else {}
+    cols = {} if keep else dict(zip(layout.names, out.sum_sqnorm.unbind(1)))
     group_idx = [[layout.names.index(m) for m in members] for _, members in layout.groups]
+    tmp: dict = {}
+    out.n.copy_(plan.n)
     for chunk in chunks:
-        res, kb = engine(job, chunk), chunk.kb
-        zero = torch.zeros(len(chunk), dtype=torch.float64, device=out.n.device)
-        out.n.index_add_(0, kb, torch.ones_like(zero))
-        out.loss_sum.index_add_(0, kb, res.losses.detach().double())
+        k0, Kc = chunk.k0, chunk.Kc
+        if keep:
+            sink = Sink(True, {n: blocks[n][k0 : k0 + Kc].view(Kc, *shapes[n]) for n in layout.names})
+        elif chunk.split:
+            tmp = tmp or {n: torch.zeros(1, *s, dtype=torch.float64, device=dev) for n, s in shapes.items()}
+            sink = Sink(True, tmp)
+        else:
+            sink = Sink(False, {n: cols[n][k0 : k0 + Kc] for n in layout.names})
+        res = engine(job, chunk, sink)
+        if chunk.split and chunk.last and not keep:
+            for n, acc in tmp.items():
+                cols[n][k0] += acc.square().sum()
+                acc.zero_()
+        zero = torch.zeros(len(chunk), dtype=torch.float64, device=dev)
         sqs = [res.sqnorms.get(n, zero) for n in layout.names]
+        kb = chunk.kb if k0 == 0 else chunk.kb + k0
+        out.loss_sum.index_add_(0, kb, res.losses.detach().double())
         out.sqnorm_sum.index_add_(0, kb, torch.stack(sqs).sum(0) if sqs else zero)
         if group_idx:
             out.group_sqnorm_sum.index_add_(
@@ -242,5 +306,5 @@ def _accumulate(engine, job: Job, out: BinSums, chunks: Iterator[Chunk]) -> BinS
 
 
 def gradient_variance(model: nn.Module, probe: PathSample, edges, **kw) -> GradVarStats:
-    """``bin_sums(model, probe, edges, **kw).to_stats()``."""
-    return bin_sums(model, probe, edges, **kw).to_stats()
+    """``bin_sums(model, probe, edges, keep_sums=False, **kw).to_stats()`` (only the statistics are kept)."""
+    return bin_sums(model, probe, edges, **{"keep_sums": False, **kw}).to_stats()

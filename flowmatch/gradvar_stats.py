@@ -86,31 +86,45 @@ class BinSums:
     :attr:`grad_sum` is the (K, P) matrix). Float64 because grad_var = (sum ||g_i||^2 - n ||gbar||^2) / (n - 1)
     cancels E||g||^2 / tr Cov-fold: float32 sums would lose ~1e-7 times that ratio (9% at a ratio of 1e6).
     Sums over disjoint probes add: ``a + b`` (or :meth:`merge`) equals one pass over the union; :meth:`as_tensor`
-    / :meth:`from_tensor` pack them into one float64 tensor for an all-reduce SUM."""
+    / :meth:`from_tensor` pack them into one float64 tensor for an all-reduce SUM.
+
+    Without the sums (``bin_sums(..., keep_sums=False)``: no K x P memory traffic) ``grad_flat`` is None and
+    ``sum_sqnorm`` (K, n_params) holds ||sum_{i in bin k} g_i||^2 per parameter instead; such sums give the same
+    statistics but cannot be merged or all-reduced (the cross terms between probes are gone). ``info``: how they
+    were computed (engine, chunk size, memory estimate; see :func:`flowmatch.gradvar.bin_sums`)."""
 
     edges: Tensor
     n: Tensor
     loss_sum: Tensor
     sqnorm_sum: Tensor
     group_sqnorm_sum: Tensor
-    grad_flat: Tensor
+    grad_flat: Tensor | None
     layout: Layout
     method: str = ""
+    sum_sqnorm: Tensor | None = None
+    info: dict = field(default_factory=dict)
 
     _FIELDS = ("n", "loss_sum", "sqnorm_sum", "group_sqnorm_sum", "grad_flat")
 
     @classmethod
-    def zeros(cls, edges: Tensor, layout: Layout, device=None, method: str = "") -> BinSums:
-        """All-zero sums for the bins ``edges`` and the parameter ``layout``."""
+    def zeros(cls, edges: Tensor, layout: Layout, device=None, method: str = "", keep_sums: bool = True) -> BinSums:
+        """All-zero sums for the bins ``edges`` and the parameter ``layout`` (``keep_sums=False``: no ``grad_flat``,
+        a zero ``sum_sqnorm`` instead)."""
         K, P, G = edges.numel() - 1, sum(layout.sizes), len(layout.groups)
 
         def z(*shape):
             return torch.zeros(*shape, dtype=torch.float64, device=device)
 
-        return cls(edges.double().cpu(), z(K), z(K), z(K), z(K, G), z(K * P), layout, method)
+        flat, sq = (z(K * P), None) if keep_sums else (None, z(K, len(layout.names)))
+        return cls(edges.double().cpu(), z(K), z(K), z(K), z(K, G), flat, layout, method, sq)
+
+    def _need_sums(self, what: str) -> None:
+        if self.grad_flat is None:
+            raise ValueError(f"{what} needs the per-bin gradient sums: call bin_sums(..., keep_sums=True)")
 
     def blocks(self) -> dict[str, Tensor]:
         """Per parameter name, the (K, numel) view of sum g_i restricted to that parameter."""
+        self._need_sums("BinSums.blocks")
         K = self.n.numel()
         return dict(
             zip(self.layout.names, (b.view(K, -1) for b in self.grad_flat.split([K * s for s in self.layout.sizes])))
@@ -125,6 +139,8 @@ class BinSums:
         """The sums over the union of the two probes (same edges and layout)."""
         if not torch.equal(self.edges, other.edges) or self.layout != other.layout:
             raise ValueError("cannot merge BinSums with different bin edges or parameter layout")
+        self._need_sums("merge")
+        other._need_sums("merge")
         method = self.method if self.method == other.method else f"{self.method}+{other.method}"
         return BinSums(self.edges, *(getattr(self, f) + getattr(other, f) for f in self._FIELDS), self.layout, method)
 
@@ -132,10 +148,12 @@ class BinSums:
 
     def as_tensor(self) -> Tensor:
         """All sums in one flat float64 tensor (all-reduce it with SUM, then :meth:`from_tensor`)."""
+        self._need_sums("as_tensor (all-reduce)")
         return torch.cat([getattr(self, f).reshape(-1).double() for f in self._FIELDS])
 
     def from_tensor(self, flat: Tensor) -> BinSums:
         """A BinSums with this one's edges/layout and the sums read back from ``flat`` (see :meth:`as_tensor`)."""
+        self._need_sums("from_tensor")
         parts, out, i = {}, flat.reshape(-1).double(), 0
         expected = sum(getattr(self, f).numel() for f in self._FIELDS)
         if out.numel() != expected:
@@ -144,14 +162,18 @@ class BinSums:
             ref = getattr(self, f)
             parts[f] = out[i : i + ref.numel()].reshape(ref.shape)
             i += ref.numel()
-        return BinSums(self.edges, layout=self.layout, method=self.method, **parts)
+        return BinSums(self.edges, layout=self.layout, method=self.method, info=self.info, **parts)
 
     def to_stats(self) -> GradVarStats:
         """The per-bin statistics of the module docstring (:class:`GradVarStats`, on the CPU)."""
         n = self.n
-        sq_of = {
-            name: torch.linalg.vector_norm(b, dim=1, dtype=torch.float64).square() for name, b in self.blocks().items()
-        }  # ||sum g||^2 per parameter and bin
+        if self.grad_flat is None:
+            sq_of = dict(zip(self.layout.names, self.sum_sqnorm.unbind(1)))
+        else:
+            sq_of = {
+                name: torch.linalg.vector_norm(b, dim=1, dtype=torch.float64).square()
+                for name, b in self.blocks().items()
+            }  # ||sum g||^2 per parameter and bin
 
         def total(names):
             return sum((sq_of[m] for m in names), torch.zeros_like(n))

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from flowmatch.finite import LossGuard
 from flowmatch.interpolants import Interpolant
 from flowmatch.keys import metric
 from flowmatch.losses import per_sample_loss
@@ -28,6 +29,9 @@ class FlowMatchingModule(L.LightningModule):
     in ``state_dict``/``parameters``; the EMA callback checkpoints it) but moves with ``.to()``.
     ``compile``: train through ``torch.compile(model)`` (built at the first training step; the
     parameters and ``state_dict`` keys stay those of ``model``). Off by default.
+
+    A NaN or inf training loss raises :class:`flowmatch.finite.NonFiniteLoss` (every step on the CPU, at the
+    logging steps on an accelerator, and always before a checkpoint is written; ``flowmatch/finite.py``).
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class FlowMatchingModule(L.LightningModule):
         self.compile_model = bool(compile)
         self.sampling_model: nn.Module | None = None  # set by EMA to sample with averaged weights
         self._compiled: nn.Module | None = None
+        self.loss_guard = LossGuard()
 
     # Plain attributes that bypass nn.Module.__setattr__: the EMA copy and the compiled wrapper must not
     # register as submodules, and Lightning sets ``_current_fx_name`` ~40 times per step, where the
@@ -101,12 +106,20 @@ class FlowMatchingModule(L.LightningModule):
         x0, x1 = batch
         t, eps = self.draw_t_eps(x0)
         loss = per_sample_loss(self.train_model(), self.interpolant(x0, x1, t, eps)).mean()
+        self.loss_guard.update(loss, self.global_step)
         # Logging every step costs more than a small MLP step; log at the logger's cadence. A CPU copy: Lightning
         # reads progress-bar values with .item() after *every* batch (the last logged one until the next), which on
         # a GPU tensor would synchronise the device each step; the copy synchronises once per log_every steps.
         if self.global_step % self.log_every == 0:
+            self.loss_guard.check()
             self.log(metric("train/loss"), loss.detach().cpu(), prog_bar=True)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to write a checkpoint of weights trained on a non-finite loss, or not finite themselves (raises
+        ``NonFiniteLoss``)."""
+        self.loss_guard.check()
+        self.loss_guard.check_weights(self.model.parameters(), self.global_step)
 
     def _held_out_step(self, batch, prefix: str) -> None:
         x0, x1 = batch

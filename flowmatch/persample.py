@@ -1,11 +1,14 @@
 """Exact per-sample gradient engines used by :mod:`flowmatch.gradvar` (plain torch).
 
-An engine is called as ``engine(job, chunk) -> ChunkResult``: :class:`Job` is what stays fixed during one
-:func:`~flowmatch.gradvar.bin_sums` call, :class:`Chunk` one slice of the probe sorted by bin. It adds, for
-every parameter name, ``job.acc[name][k] += sum_{i in chunk, kb[i] = k} g_i`` (g_i = d l_i / d theta, the
-gradient of ``loss_fn(model, chunk.path[i:i+1])``) and returns the losses and per-sample ||g_i||^2. Sums and
-squared norms are float64 whatever the model's dtype: per-sample gradients (or the factors a rule forms them
-from) are cast first, since (sum ||g_i||^2 - n ||gbar||^2) / (n - 1) cancels E||g||^2 / tr Cov-fold.
+An engine is called as ``engine(job, chunk, sink) -> ChunkResult``: :class:`Job` is what stays fixed during one
+:func:`~flowmatch.gradvar.bin_sums` call, :class:`~flowmatch.gradvar_plan.Chunk` one slice of the probe sorted by
+bin (whole bins, or a piece of one), :class:`~flowmatch.binreduce.Sink` where its per-bin results go: for every
+parameter name either ``sink.targets[name][k] += sum_{i in chunk, bin k} g_i`` (dense) or
+``sink.targets[name][k] += ||sum_{i in chunk, bin k} g_i||^2`` (g_i = d l_i / d theta, the gradient of
+``loss_fn(model, chunk.path[i:i+1])``), all bins in one batched reduction (:mod:`flowmatch.binreduce`). It returns
+the losses and per-sample ||g_i||^2. Sums and squared norms are float64 whatever the model's dtype (or, for large
+Linear layers, products of bin-centred factors whose rounding is relative to the spread, not the mean), since
+(sum ||g_i||^2 - n ||gbar||^2) / (n - 1) cancels E||g||^2 / tr Cov-fold.
 No engine touches ``p.grad``: all use ``torch.autograd.grad`` or ``torch.func``.
 
 * ``loop``  -- one forward + backward per sample (the reference; works for any model).
@@ -26,6 +29,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
+from flowmatch.binreduce import add_materialised
 from flowmatch.interpolants import PathSample
 
 F64 = torch.float64
@@ -38,26 +42,12 @@ class HooksUnsupported(RuntimeError):
 
 @dataclass(frozen=True)
 class Job:
-    """What stays fixed during one bin_sums call: ``loss_fn(model, path) -> (b,)`` per-sample losses, the
-    trainable ``params`` {name: parameter} and ``acc`` {name: (K, *shape) float64 per-bin sum of g_i}."""
+    """What stays fixed during one bin_sums call: ``loss_fn(model, path) -> (b,)`` per-sample losses and the
+    trainable ``params`` {name: parameter}."""
 
     model: nn.Module
     loss_fn: LossFn
     params: dict[str, Tensor]
-    acc: dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """b consecutive probe samples sorted by bin: ``path`` (a PathSample), ``kb`` (b,) their bins (long, on
-    the accumulators' device) and ``segs`` the runs of equal bins, ((bin, start, end), ...)."""
-
-    path: PathSample
-    kb: Tensor
-    segs: tuple[tuple[int, int, int], ...]
-
-    def __len__(self) -> int:
-        return self.kb.shape[0]
 
 
 @dataclass(frozen=True)
@@ -76,20 +66,25 @@ def _check_losses(losses: Tensor, b: int) -> Tensor:
     return losses
 
 
-def loop_engine(job: Job, chunk: Chunk) -> ChunkResult:
-    """Reference: ``b`` separate forward/backward passes on single-sample chunks."""
-    b, names, ps = len(chunk), list(job.params), list(job.params.values())
-    sq = {n: torch.zeros(b, dtype=F64, device=p.device) for n, p in job.params.items()}
-    losses = []
-    for k, s, e in chunk.segs:
-        for i in range(s, e):
-            li = _check_losses(job.loss_fn(job.model, chunk.path[i : i + 1]), 1)
-            for n, g in zip(names, torch.autograd.grad(li.sum(), ps, allow_unused=True)):
-                if g is not None:
-                    g = g.to(F64)
-                    sq[n][i] = g.pow(2).sum()
-                    job.acc[n][k] += g
-            losses.append(li.detach())
+def loop_engine(job: Job, chunk, sink) -> ChunkResult:
+    """Reference: ``b`` separate forward/backward passes on single-sample chunks; per-bin running sums (one
+    gradient's memory), folded into the sink when the bin changes."""
+    names, ps = list(job.params), list(job.params.values())
+    sq = {n: torch.zeros(len(chunk), dtype=F64, device=p.device) for n, p in job.params.items()}
+    run = {n: torch.zeros(p.shape, dtype=F64, device=p.device) for n, p in job.params.items()}
+    kb, losses = chunk.kb.tolist(), []
+    for i in range(len(chunk)):
+        li = _check_losses(job.loss_fn(job.model, chunk.path[i : i + 1]), 1)
+        for n, g in zip(names, torch.autograd.grad(li.sum(), ps, allow_unused=True)):
+            if g is not None:
+                g = g.to(F64)
+                sq[n][i] = g.pow(2).sum()
+                run[n] += g
+        losses.append(li.detach())
+        if i + 1 == len(chunk) or kb[i + 1] != kb[i]:
+            for n, r in run.items():
+                sink.targets[n][kb[i]] += r if sink.dense else r.pow(2).sum()
+                r.zero_()
     return ChunkResult(torch.cat(losses), sq)
 
 
@@ -104,7 +99,7 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, path)
 
 
-def vmap_engine(job: Job, chunk: Chunk) -> ChunkResult:
+def vmap_engine(job: Job, chunk, sink) -> ChunkResult:
     """``vmap(grad(l_i))`` over the chunk with ``functional_call``; buffers are used as stored in the model."""
     wrap, names = _LossModule(job.model, job.loss_fn), list(job.params)
 
@@ -120,18 +115,11 @@ def vmap_engine(job: Job, chunk: Chunk) -> ChunkResult:
             tuple(p.detach() for p in job.params.values()),
             {f.name: getattr(chunk.path, f.name) for f in fields(chunk.path)},
         )
-    return ChunkResult(losses, {n: _add_bins(job.acc[n], chunk.kb, g) for n, g in zip(names, grads)})
+    rows, dense = chunk.rows, sink.dense
+    return ChunkResult(losses, {n: add_materialised(g, rows, sink.targets[n], dense) for n, g in zip(names, grads)})
 
 
 def _sqnorm(g: Tensor) -> Tensor:
     """(b,) float64 squared norms of the per-sample tensors g (b, ...)."""
     g = g.reshape(g.shape[0], -1).to(F64)
     return (g * g).sum(1)
-
-
-def _add_bins(acc: Tensor, kb: Tensor, g: Tensor) -> Tensor:
-    """Add the per-sample gradients g (b, ...) into their bins' rows of the float64 ``acc`` (K, ...); return
-    their (b,) float64 squared norms."""
-    g = g.to(F64)
-    acc.index_add_(0, kb, g)
-    return _sqnorm(g)

@@ -5,7 +5,11 @@ gradients follow exactly: Linear ``g_i = sum_s delta_is a_is^T`` with ``||g_i||^
 delta_s')(a_s . a_s')`` (Gram trick, used when the S x S Gram matrix is smaller than the weight), Conv1d/Conv2d by
 the weight gradient of a convolution with ``groups = b * groups`` (samples side by side as channel groups),
 LayerNorm/GroupNorm ``g_gamma = sum delta * xhat``, ``g_beta = sum delta``, Embedding by scattering delta into the
-looked-up rows. Violations of its assumptions raise :class:`~flowmatch.persample.HooksUnsupported`.
+looked-up rows (:mod:`flowmatch.persample_layers`: which layers qualify, the graph check, the convolution rule).
+Each layer's per-bin sums (or their squared norms) are formed for all bins at once as the backward reaches it
+(:mod:`flowmatch.binreduce`); small one-row-per-sample Linear layers are held back and reduced together after the
+backward, one batched float64 pass per layer shape. Violations of its assumptions raise
+:class:`~flowmatch.persample.HooksUnsupported`.
 """
 
 from __future__ import annotations
@@ -16,54 +20,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowmatch.persample import F64, Chunk, ChunkResult, HooksUnsupported, Job, _add_bins, _check_losses, _sqnorm
-
-_CONV = (nn.Conv1d, nn.Conv2d)
-_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+from flowmatch.binreduce import (
+    Sink,
+    add_materialised,
+    bin_sum,
+    bin_sum64,
+    fused_linear,
+    fusion_groups,
+    is_small_linear,
+    linear_rows,
+    sqnorm64,
+    use_centred,
+    vdot,
+)
+from flowmatch.gradvar_plan import Chunk
+from flowmatch.persample import F64, ChunkResult, HooksUnsupported, Job, _check_losses, _sqnorm
+from flowmatch.persample_layers import CONV, conv_weight, graph_scan, hook_plan
 
 
 def use_gram(S: int, rows: int, cols: int) -> bool:
     """Gram trick for a (rows x cols) weight seen over S positions iff the S x S Gram is the smaller matrix."""
     return S > 1 and S * S < rows * cols
-
-
-def _why_unsupported(m: nn.Module) -> str | None:
-    """Why the hooks engine has no exact rule for layer ``m`` (None when it has one)."""
-    kind = next((k for k in _KINDS if isinstance(m, k)), None)
-    if kind is None:
-        return f"{type(m).__name__} has no per-sample hook rule"
-    if type(m).forward is not kind.forward:
-        return f"{type(m).__name__} overrides forward"
-    if isinstance(m, _CONV):
-        if (
-            m.padding_mode != "zeros"
-            or m.padding == "same"
-            and any(d * (k - 1) % 2 for d, k in zip(m.dilation, m.kernel_size))
-        ):
-            return f"{type(m).__name__} padding {m.padding!r}/{m.padding_mode}"
-    if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse or m.scale_grad_by_freq):
-        return "Embedding with max_norm/sparse/scale_grad_by_freq"
-    return None
-
-
-def hook_plan(model: nn.Module, params: dict) -> dict:
-    """Map each layer owning trainable parameters to ``{attr: param_name}``; raise HooksUnsupported if any
-    trainable parameter is not owned by exactly one supported layer."""
-    by_id = {id(p): n for n, p in params.items()}
-    owners, plan = {}, {}
-    for m in model.modules():
-        for attr, p in m.named_parameters(recurse=False):
-            if id(p) in by_id:
-                owners.setdefault(id(p), set()).add(id(m))
-                plan.setdefault(m, {})[attr] = by_id[id(p)]
-    shared = [by_id[i] for i, s in owners.items() if len(s) > 1]
-    if shared:
-        raise HooksUnsupported(f"parameters shared between layers: {shared}")
-    for m in plan:
-        why = _why_unsupported(m)
-        if why:
-            raise HooksUnsupported(f"{why} (parameters {sorted(plan[m].values())})")
-    return plan
 
 
 class _Rec:
@@ -83,136 +60,141 @@ def _fwd_hook(rec: _Rec, on_grad, mod, args, out) -> None:
         out.register_hook(partial(on_grad, mod, rec))
 
 
-def _graph_scan(root, marked: set) -> tuple[dict[int, int], dict]:
-    """Walk the autograd graph below ``root``: the number of edges into each leaf (by id of the leaf tensor),
-    and for every node whether some node of ``marked`` lies strictly below it."""
-    uses, kids, below = {}, {}, {}
-    stack = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            below[node] = any(c in marked or below[c] for c in kids[node])
-            continue
-        if node in kids:
-            continue
-        kids[node] = [c for c, _ in node.next_functions if c is not None]
-        for c in kids[node]:
-            if hasattr(c, "variable"):
-                uses[id(c.variable)] = uses.get(id(c.variable), 0) + 1
-        stack.append((node, True))
-        stack.extend((c, False) for c in kids[node] if c not in kids)
-    return uses, below
-
-
-def _linear_weight(a: Tensor, d: Tensor, chunk: Chunk, acc: Tensor) -> Tensor:
-    """a (b,S,i), d (b,S,o): per-sample ||sum_s d_s a_s^T||^2 (float64); adds the per-bin sums of
-    sum_s d_s a_s^T into ``acc`` (float64). Squared norms and bin sums are formed from float64 copies of the
-    factors (the materialised per-sample gradients of the non-Gram case are cast instead)."""
-    b, S, i = a.shape
-    o = d.shape[2]
-    if S > 1 and not use_gram(S, o, i):
-        return _add_bins(acc, chunk.kb, torch.bmm(d.transpose(1, 2), a))
-    a, d = a.to(F64), d.to(F64)
+def _linear(x: Tensor, d: Tensor, chunk: Chunk, targets: dict, dense: bool) -> dict:
+    """Linear layer: per-sample float64 squared norms {attr: (b,)} (S = 1: ||d_i||^2 ||a_i||^2 and ||d_i||^2;
+    S > 1 positions: the Gram trick or the materialised per-sample gradients); per-bin sums into ``targets``
+    (:func:`~flowmatch.binreduce.linear_rows`; rows are (sample, position) pairs, float64 products for S > 1)."""
+    b, i, o = x.shape[0], x.shape[-1], d.shape[-1]
+    a, dd = x.reshape(b, -1, i), d.reshape(b, -1, o)
+    S, res = a.shape[1], {}
     if S == 1:
-        sq = _sqnorm(d) * _sqnorm(a)
+        a2, d2 = a.view(b, i), dd.view(b, o)
+        centred = use_centred(a2, chunk.rows, o)
+        if centred:  # float32 rows, float64 accumulators
+            an, dn, sums = sqnorm64(a2), sqnorm64(d2), bin_sum64(d2, chunk.rows)
+        else:
+            a2, d2 = a2.to(F64), d2.to(F64)
+            an, dn, sums = vdot(a2, a2), vdot(d2, d2), bin_sum(d2, chunk.rows)
+        if "weight" in targets:
+            res["weight"] = dn * an
+            linear_rows(a2, d2, chunk.rows, targets["weight"], dense, centred)
+        if "bias" in targets:
+            targets["bias"].add_(sums if dense else vdot(sums, sums))
+            res["bias"] = dn
+        return res
+    if "weight" in targets:
+        if use_gram(S, o, i):
+            a64, d64 = a.to(F64), dd.to(F64)
+            res["weight"] = (torch.bmm(d64, d64.transpose(1, 2)) * torch.bmm(a64, a64.transpose(1, 2))).sum((1, 2))
+        else:
+            res["weight"] = _sqnorm(torch.bmm(dd.transpose(1, 2), a))
+        linear_rows(
+            a.reshape(-1, i).to(F64), dd.reshape(-1, o).to(F64), chunk.rows_for(S), targets["weight"], dense, False
+        )
+    if "bias" in targets:
+        res["bias"] = add_materialised(dd.sum(1), chunk.rows, targets["bias"], dense)
+    return res
+
+
+def _embedding(m: nn.Embedding, x: Tensor, d: Tensor, chunk: Chunk, target: Tensor, dense: bool) -> Tensor:
+    """Embedding: per-sample float64 ||g_i||^2 (rows looked up several times add up; padding_idx rows get no
+    gradient); the per-bin sums (scattered into (Kc, N, D)) go to ``target``."""
+    b = x.shape[0]
+    idx, dd = x.reshape(b, -1), d.reshape(b, -1, d.shape[-1]).to(F64)
+    if m.padding_idx is not None:
+        dd = dd * (idx != m.padding_idx).unsqueeze(-1).to(dd.dtype)
+    N, D, S = m.num_embeddings, dd.shape[-1], idx.shape[1]
+    if S == 1:
+        sq = dd[:, 0].pow(2).sum(1)
+    elif use_gram(S, N, D):
+        sq = (torch.bmm(dd, dd.transpose(1, 2)) * (idx[:, :, None] == idx[:, None, :])).sum((1, 2))
     else:
-        sq = (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-    d2, a2 = d.reshape(b, S * o), a.reshape(b, S * i)
-    for k, s, e in chunk.segs:
-        acc[k].addmm_(d2[s:e].view(-1, o).T, a2[s:e].view(-1, i))
+        rows = (torch.arange(b, device=idx.device)[:, None] * N + idx).reshape(-1)
+        sq = dd.new_zeros(b * N, D).index_add_(0, rows, dd.reshape(-1, D)).reshape(b, -1).pow(2).sum(1)
+    key = (chunk.kb[:, None] * N + idx).reshape(-1)
+    sums = dd.new_zeros(chunk.Kc * N, D).index_add_(0, key, dd.reshape(-1, D)).view(chunk.Kc, N * D)
+    target.view(sums.shape).add_(sums) if dense else target.add_(vdot(sums, sums))
     return sq
 
 
-def _conv_weight(m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
-    """(b, *weight.shape) per-sample weight gradients of a Conv1d/Conv2d from its input and output gradient."""
-    b, G, k = x.shape[0], m.groups, m.kernel_size
-    if G == 1 and all(v == 1 for v in (*k, *m.stride)) and all(p == 0 for p in m.padding):
-        return torch.bmm(d.reshape(b, d.shape[1], -1), x.reshape(b, x.shape[1], -1).transpose(1, 2)).reshape(
-            b, *m.weight.shape
-        )
-    pad = (
-        [dl * (kk - 1) // 2 for dl, kk in zip(m.dilation, k)]
-        if m.padding == "same"
-        else [0] * len(k)
-        if m.padding == "valid"
-        else list(m.padding)
-    )
-    w = m.weight.new_empty((b * m.weight.shape[0], *m.weight.shape[1:]))
-    g = torch.ops.aten.convolution_backward(
-        d.reshape(1, -1, *d.shape[2:]),
-        x.reshape(1, -1, *x.shape[2:]),
-        w,
-        None,
-        list(m.stride),
-        pad,
-        list(m.dilation),
-        False,
-        [0] * len(k),
-        b * G,
-        [False, True, False],
-    )[1]
-    return g.reshape(b, *m.weight.shape)
-
-
-def _layer_grads(m: nn.Module, x: Tensor, d: Tensor, chunk: Chunk, acc: dict) -> dict:
-    """Per-sample float64 squared norms {attr: (b,)} of one layer's parameters (those in ``acc``: attr ->
-    float64 accumulator) from its input x and output gradient d; adds the per-bin gradient sums into ``acc``."""
-    b, kb, res = x.shape[0], chunk.kb, {}
+def _layer_grads(m: nn.Module, x: Tensor, d: Tensor, chunk: Chunk, targets: dict, dense: bool) -> dict:
+    """Per-sample float64 squared norms {attr: (b,)} of one layer's parameters (those in ``targets``: attr ->
+    this chunk's slice of the per-bin results, :class:`~flowmatch.binreduce.Sink`) from its input x and output
+    gradient d; adds the per-bin sums (or their squared norms) into ``targets``. Factors in bfloat16/float16
+    (autocast) are promoted to float32 first."""
+    if isinstance(m, nn.Embedding):
+        return {"weight": _embedding(m, x, d, chunk, targets["weight"], dense)}
+    wd = torch.promote_types(torch.promote_types(x.dtype, d.dtype), torch.float32)
+    x, d = x.to(wd), d.to(wd)
     if isinstance(m, nn.Linear):
-        a, dd = x.reshape(b, -1, x.shape[-1]), d.reshape(b, -1, d.shape[-1])
-        if "weight" in acc:
-            res["weight"] = _linear_weight(a, dd, chunk, acc["weight"])
-        gb = dd.sum(1)
-    elif isinstance(m, _CONV):
-        if "weight" in acc:
-            res["weight"] = _add_bins(acc["weight"], kb, _conv_weight(m, x, d))
+        return _linear(x, d, chunk, targets, dense)
+    b, rows, res = x.shape[0], chunk.rows, {}
+    if isinstance(m, CONV):
+        if "weight" in targets:
+            res["weight"] = add_materialised(conv_weight(m, x, d), rows, targets["weight"], dense)
         gb = d.reshape(b, d.shape[1], -1).sum(2)
-    elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-        if isinstance(m, nn.LayerNorm):  # ``red``: the dimension of ``shape`` that runs over the positions
+    else:  # LayerNorm, GroupNorm; ``red``: the dimension of ``shape`` that runs over the positions
+        if isinstance(m, nn.LayerNorm):
             shape, red, xhat = (b, -1, *m.normalized_shape), 1, F.layer_norm(x, m.normalized_shape, None, None, m.eps)
         else:
             shape, red, xhat = (b, x.shape[1], -1), 2, F.group_norm(x, m.num_groups, None, None, m.eps)
-        if "weight" in acc:
-            res["weight"] = _add_bins(acc["weight"], kb, (d * xhat).reshape(shape).sum(red))
+        if "weight" in targets:
+            res["weight"] = add_materialised((d * xhat).reshape(shape).sum(red), rows, targets["weight"], dense)
         gb = d.reshape(shape).sum(red)
-    else:  # Embedding
-        idx, dd = x.reshape(b, -1), d.reshape(b, -1, d.shape[-1]).to(F64)
-        if m.padding_idx is not None:
-            dd = dd * (idx != m.padding_idx).unsqueeze(-1).to(dd.dtype)
-        N, D, S = m.num_embeddings, dd.shape[-1], idx.shape[1]
-        if S == 1:
-            sq = dd[:, 0].pow(2).sum(1)
-        elif use_gram(S, N, D):
-            sq = (torch.bmm(dd, dd.transpose(1, 2)) * (idx[:, :, None] == idx[:, None, :])).sum((1, 2))
-        else:
-            rows = (torch.arange(b, device=idx.device)[:, None] * N + idx).reshape(-1)
-            sq = dd.new_zeros(b * N, D).index_add_(0, rows, dd.reshape(-1, D)).reshape(b, -1).pow(2).sum(1)
-        acc["weight"].view(-1, D).index_add_(0, (kb[:, None] * N + idx).reshape(-1), dd.reshape(-1, D))
-        return {"weight": sq}
-    if "bias" in acc:
-        res["bias"] = _add_bins(acc["bias"], kb, gb)
+    if "bias" in targets:
+        res["bias"] = add_materialised(gb, rows, targets["bias"], dense)
     return res
 
 
 class HooksEngine:
-    """One forward + backward per chunk; see the module docstring. ``verify``: on the first chunk, compare the
-    first sample's ||g||^2 with a direct backward on that sample alone (rtol 1e-3) and raise HooksUnsupported
-    on disagreement."""
+    """One forward + backward per chunk; see the module docstring. Built once per model layout and reused (the
+    caller caches it): the graph scan runs on the first chunk, and ``verify`` - comparing the first sample's
+    ||g||^2 with a direct backward on that sample alone (rtol 1e-3), raising HooksUnsupported on disagreement -
+    on the first call only."""
 
     def __init__(self, model: nn.Module, params: dict, verify: bool = True) -> None:
         self.plan, self.verify = hook_plan(model, params), verify
         self._structure: tuple = (None, ())  # (set of called layers, the lowest of them) from the last scan
+        self._ctx: tuple | None = None
+        self._small: list = []  # (layer, input, output gradient) of small Linear layers, for one fused pass
 
     def _on_grad(self, m: nn.Module, rec: _Rec, delta: Tensor) -> None:
         """Tensor hook on a layer's output: turn (input, output gradient) into per-sample results at once, so
         neither is kept alive longer than in an ordinary backward."""
-        job, chunk, sq = self._ctx
+        chunk, sink, sq, autocast = self._ctx
         names = self.plan[m]  # hooks run under the backward's grad mode (create_graph=False: no graph)
-        got = _layer_grads(m, rec.x.detach(), delta, chunk, {a: job.acc[n] for a, n in names.items()})
-        sq.update({names[a]: v for a, v in got.items()})
+        x = rec.x.detach()
         rec.x = rec.out = None
+        if not sink.dense and isinstance(m, nn.Linear) and is_small_linear(x, delta, chunk.rows):
+            self._small.append((m, x, delta))  # processed together after the backward
+            return
+        targets = {a: sink.targets[n] for a, n in names.items()}
+        if autocast:
+            with torch.autocast(delta.device.type, enabled=False):
+                got = _layer_grads(m, x, delta, chunk, targets, sink.dense)
+        else:
+            got = _layer_grads(m, x, delta, chunk, targets, sink.dense)
+        sq.update({names[a]: v for a, v in got.items()})
 
-    def __call__(self, job: Job, chunk: Chunk) -> ChunkResult:
+    def _small_layers(self, chunk: Chunk, sink: Sink, sq: dict) -> None:
+        """The small Linear layers held back by :meth:`_on_grad`, in as few batched float64 passes as pay off
+        (:func:`~flowmatch.binreduce.fusion_groups`, :func:`~flowmatch.binreduce.fused_linear`)."""
+        items, self._small = self._small, []
+        if not items:
+            return
+        shapes = [(x.shape[-1], d.shape[-1]) for _, x, d in items]
+        for group in fusion_groups(shapes, chunk.rows.n_pad, len(chunk)):
+            sq_w, sq_b, w, bias = fused_linear([items[j][1:] for j in group], chunk.rows)
+            for r, j in enumerate(group):
+                names = self.plan[items[j][0]]
+                if "weight" in names:
+                    sink.targets[names["weight"]].add_(w[r])
+                    sq[names["weight"]] = sq_w[r]
+                if "bias" in names:
+                    sink.targets[names["bias"]].add_(bias[r])
+                    sq[names["bias"]] = sq_b[r]
+
+    def __call__(self, job: Job, chunk: Chunk, sink: Sink) -> ChunkResult:
         """Per-sample results of one chunk from one forward and one (truncated) backward pass."""
         b, params = len(chunk), job.params
         recs = {m: _Rec() for m in self.plan}
@@ -231,7 +213,7 @@ class HooksEngine:
                 )
         if self._structure[0] != set(used):  # graph scan on the first chunk (and whenever the layers change)
             outs = {r.out.grad_fn: m for m, r in used.items() if r.out is not None}
-            uses, below = _graph_scan(losses.grad_fn, set(outs)) if losses.grad_fn is not None else ({}, {})
+            uses, below = graph_scan(losses.grad_fn, set(outs)) if losses.grad_fn is not None else ({}, {})
             for m, r in recs.items():
                 if any(uses.get(id(params[n]), 0) != r.calls for n in self.plan[m].values()):
                     raise HooksUnsupported(
@@ -239,15 +221,19 @@ class HooksEngine:
                     )
             self._structure = (set(used), [m for f, m in outs.items() if f in below and not below[f]])
         sq: dict = {}
-        self._ctx = (job, chunk, sq)
+        dev = losses.device.type
+        self._ctx = (chunk, sink, sq, torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False)
         if any(r.out._version != r.ov for r in used.values()):
             inputs = list(params.values())  # an output was modified in place: its grad_fn is no longer a stop
         else:  # backprop only down to the lowest hooked outputs: no weight gradients, hooks fire on the way
             inputs = [used[m].out for m in self._structure[1]]
         del used, recs
-        if inputs:
-            torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-        self._ctx = None
+        try:
+            if inputs:
+                torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+            self._small_layers(chunk, sink, sq)
+        finally:
+            self._ctx, self._small = None, []
         if self.verify:
             self.verify = False
             self._check_first_sample(job, chunk, sq)

@@ -19,7 +19,12 @@ FIXED_GRID = ("euler", "midpoint", "rk4")
 ADAPTIVE = ("dopri5",)
 METHODS = FIXED_GRID + ADAPTIVE
 
-__all__ = ["Solver", "SampleResult", "METHODS"]
+__all__ = ["Solver", "SampleResult", "METHODS", "IntegrationError"]
+
+
+class IntegrationError(RuntimeError):
+    """dopri5 could not integrate the field: its step size underflowed or it ran out of ``max_num_steps`` (a field
+    with huge or non-finite velocities, e.g. after a diverged training)."""
 
 
 @dataclass
@@ -98,15 +103,22 @@ class Solver:
         else:
             n_t = (traj_points or 101) if return_traj else 2
             ts = torch.linspace(t0, t1, n_t, dtype=x0.dtype, device=x0.device)
-            out = odeint(
-                f,
-                x0,
-                ts,
-                method=self.method,
-                atol=self.atol,
-                rtol=self.rtol,
-                options={"max_num_steps": self.max_num_steps},
-            )
+            try:
+                out = odeint(
+                    f,
+                    x0,
+                    ts,
+                    method=self.method,
+                    atol=self.atol,
+                    rtol=self.rtol,
+                    options={"max_num_steps": self.max_num_steps},
+                )
+            except AssertionError as exc:  # torchdiffeq's 'underflow in dt', 'max_num_steps exceeded'
+                raise IntegrationError(
+                    f"{self.method} could not integrate the learned field ({exc} after {nfe} evaluations): its "
+                    f"velocities are huge or not finite; a fixed-grid solver (solver=euler solver.steps=100) still "
+                    f"runs"
+                ) from None
         return SampleResult(
             x1=out[-1], nfe=nfe, traj=out if return_traj else None, t=ts.to(x0.dtype) if return_traj else None
         )

@@ -6,6 +6,8 @@
 #   2. benchmarks/gpu_loop.py: the Lightning loop vs a bare PyTorch loop on the same model, loss, optimizer, EMA and
 #      data, bf16 autocast on/off x torch.compile on/off (goal: Lightning >= 0.90 x bare), and the gradient-variance
 #      probe's cost in training steps (<OUT>/gpu_loop.json);
+#   3. scripts/probe_cost.py: the gradient-variance probe as the callback runs it (callbacks=gradvar, chunk_size auto,
+#      bf16 autocast) on the same model and batch (<OUT>/probe_cost.json; CUDA only);
 # then prints one summary block (also <OUT>/summary.txt) to compare between machines and commits.
 #
 #   scripts/gpu_check.sh                           # STEPS=300 for train.py; LOOP_ARGS for gpu_loop.py
@@ -48,9 +50,18 @@ if ! "$PY" benchmarks/gpu_loop.py --out "$OUT/gpu_loop.json" ${ALLOW_CPU:+--allo
   echo "   gpu_loop.py FAILED (see $OUT/gpu_loop.log):"; tail -3 "$OUT/gpu_loop.log" | sed 's/^/   /'; status=1
 fi
 
+if [ -z "${ALLOW_CPU:-}" ]; then
+  echo "== 3. scripts/probe_cost.py"
+  if ! "$PY" scripts/probe_cost.py "$OUT/probe_cost.json" data=random_images model=unet_cifar trainer=gpu \
+      callbacks=gradvar data.batch_size=128 data.device=auto --steps 20 --repeats 2 > "$OUT/probe_cost.log" 2>&1; then
+    echo "   probe_cost.py FAILED (see $OUT/probe_cost.log):"; tail -3 "$OUT/probe_cost.log" | sed 's/^/   /'; status=1
+  fi
+fi
+
 {
   echo "flowmatch gpu-check: summary"
   grep "flowmatch: throughput" "$OUT/train.log" | sed 's/^flowmatch: /train.py /' || echo "train.py: no throughput"
   sed -n '/^flowmatch gpu-loop: summary/,$p' "$OUT/gpu_loop.log" | tail -n +2
+  [ -f "$OUT/probe_cost.log" ] && grep "flowmatch probe-cost" "$OUT/probe_cost.log" | sed 's/^flowmatch probe-cost: /probe_cost.py /'
 } | tee "$OUT/summary.txt"
 exit $status

@@ -8,9 +8,10 @@ then on CUDA when available (else the CPU):
 - a training step: forward, backward and optimizer step of one batch (``data.batch_size`` pairs from the coupling,
   t ~ U(0, 1)), under bf16 autocast when ``trainer.precision`` is bf16-mixed; mean of ``--steps`` steps after
   ``--warmup`` steps;
-- each ``GradientVarianceCallback`` of ``callbacks``: its probe exactly as the callback measures it (``draw_fixed``,
-  ``probe`` - the Euler trajectory for integrated samples - and ``flowmatch.gradvar.bin_sums``, float32), the best of
-  ``--repeats`` runs after one warm-up run;
+- each ``GradientVarianceCallback`` of ``callbacks``: its probe exactly as the callback measures it in one process
+  (``draw_fixed``, ``probe`` - the Euler trajectory for integrated samples - and ``flowmatch.gradvar.bin_sums`` with
+  the callback's chunk size and memory budget, under bf16 autocast like the training step), the best of
+  ``--repeats`` runs after one warm-up run, with its engine record (engine, chunk size);
 
 and writes OUT.json: seconds per step, seconds per probe, the probe's cost in training steps, its amortized overhead
 (probe seconds / (every_n_steps x step seconds)) and the peak GPU memory of the steps and of each probe.
@@ -69,18 +70,31 @@ def time_training_step(module, coupling, batch: int, device, bf16: bool, warmup:
     return (_sync(device) - t0) / steps
 
 
-def time_probe(cb, module, coupling, device, repeats: int) -> float:
-    """Best-of-``repeats`` seconds of one probe of callback ``cb`` (after a warm-up run)."""
+def time_probe(cb, module, coupling, device, repeats: int, bf16: bool = False) -> tuple[float, dict]:
+    """Best-of-``repeats`` seconds of one probe of callback ``cb`` (after a warm-up run; one process, so the sums'
+    squared norms only, as the callback does; under bf16 autocast when training uses it) and the probe's engine
+    record (``BinSums.info``)."""
     from flowmatch import gradvar as gv
 
     cb.fixed = cb.draw_fixed(coupling, module.interpolant)
-    best = float("inf")
+    best, info = float("inf"), {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for i in range(repeats + 1):
         t0 = _sync(device)
-        gv.bin_sums(module.model, cb.probe(module), cb.edges, method=cb.method, chunk_size=cb.chunk_size)
+        with autocast:
+            sums = gv.bin_sums(
+                module.model,
+                cb.probe(module),
+                cb.edges,
+                method=cb.method,
+                chunk_size=cb.chunk_size,
+                memory_budget_mib=cb.memory_budget_mib,
+                keep_sums=False,
+            )
         if i > 0:
             best = min(best, _sync(device) - t0)
-    return best
+        info = sums.info
+    return best, info
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -124,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         cb = instantiate(node)
         _reset_peak(device)
-        probe_s = time_probe(cb, module, datamodule.coupling, device, args.repeats)
+        probe_s, info = time_probe(cb, module, datamodule.coupling, device, args.repeats, bf16)
         result["probes"][name] = {
             "source": cb.source,
             "probe_size": cb.n_per_bin * cb.K,
@@ -133,12 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
             "probe_in_training_steps": probe_s / step_s,
             "amortized_overhead": probe_s / (cb.every * step_s),
             "probe_peak_memory_gib": _peak_gib(device),
+            "engine": info,
         }
         p = result["probes"][name]
         print(
             f"flowmatch probe-cost: {name} ({cb.source}, {p['probe_size']} samples) {probe_s:.2f} s = "
             f"{p['probe_in_training_steps']:.1f} training steps; every {cb.every} steps: "
-            f"+{100 * p['amortized_overhead']:.2f}% of training time"
+            f"+{100 * p['amortized_overhead']:.2f}% of training time; engine {info.get('engine')}, "
+            f"chunk {info.get('chunk_size')} ({info.get('chunk_size_setting')})"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 import csv
 import functools
+import json
 
 import pytest
 import torch
@@ -70,6 +71,10 @@ def test_callback_writes_contract_and_matches_recomputation(tmp_path):
     logged = read_rows(tmp_path / "csv" / "metrics.csv")
     assert any(r.get("gradvar/bin_03/var") for r in logged) and "gradvar/bin_09/loss" in logged[0]
     _compare(rows, union_stats(tmp_path, 1, 20), 20)
+    engine = json.loads((tmp_path / "gradvar_engine.json").read_text())  # one process: norms of the sums only
+    assert engine["engine"] == "hooks" and engine["chunk_size_setting"] == "auto" and engine["keep_sums"] is False
+    assert 1 <= engine["chunk_size"] <= 400 and engine["memory_budget_mib"] == 2048 and engine["step"] == 0
+    assert engine["n_chunks"] >= 1 and engine["bytes_per_sample"] > 0 and engine["probe_size"] == 400
 
 
 def test_bad_callback_settings():
@@ -79,6 +84,22 @@ def test_bad_callback_settings():
         GradientVarianceCallback(bins=[0.5, 0.2])
     with pytest.raises(ValueError, match="callbacks.gradvar.probe_size"):
         GradientVarianceCallback(bins=10, probe_size=5)
+
+
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": "big"}, "chunk_size"),
+        ({"memory_budget_mib": 0}, "memory_budget_mib"),
+        ({"memory_budget_mib": "1G"}, "memory_budget_mib"),
+        ({"method": "fast"}, "method"),
+    ],
+)
+def test_bad_engine_settings_name_key_and_allowed_values(kw, key):
+    with pytest.raises(ValueError, match=f"callbacks.gradvar.{key}") as err:
+        GradientVarianceCallback(**kw)
+    assert repr(next(iter(kw.values()))) in str(err.value)
 
 
 def test_integrated_and_pairs_sources(tmp_path):
@@ -121,6 +142,7 @@ def test_two_probes_in_one_run_write_two_csvs_and_log_one(tmp_path):
         f"hydra.run.dir={tmp_path}",
     )
     interp, integ = read_rows(tmp_path / "gradvar.csv"), read_rows(tmp_path / "gradvar_integrated.csv")
+    assert json.loads((tmp_path / "gradvar_integrated_engine.json").read_text())["engine"] == "hooks"
     assert len(interp) == len(integ) == 30
     assert [(r["step"], r["t_lo"], r["n"]) for r in interp] == [(r["step"], r["t_lo"], r["n"]) for r in integ]
     logged = [r for r in read_rows(tmp_path / "csv" / "metrics.csv") if r.get("gradvar/bin_00/var")]
@@ -146,4 +168,5 @@ def test_ddp_two_processes_equal_one_process_on_union(tmp_path):
     )
     rows = read_rows(tmp_path / "gradvar.csv")
     assert int(rows[0]["n"]) == 80  # 2 ranks x 40 per bin
+    assert json.loads((tmp_path / "gradvar_engine.json").read_text())["keep_sums"] is True  # sums to all-reduce
     _compare(rows, union_stats(tmp_path, 2, 20), 20)

@@ -29,6 +29,10 @@ CORE = [
     "flowmatch.image_metrics",
     "flowmatch.memorization",
     "flowmatch.diagnose",
+    "flowmatch.finite",
+    "flowmatch.checkpoints",
+    "flowmatch.preconditions",
+    "flowmatch.config_rules",
 ]
 ANALYSIS = [
     "flowmatch.analysis",

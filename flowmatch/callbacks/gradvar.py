@@ -8,7 +8,10 @@ DDP ranks (so the result equals one process on the union of the ranks' probes), 
 run writes only its CSV, so the logged keys stay those of one probe), appends rows to ``gradvar.csv`` in the
 run dir (with ``groups``: per-parameter-group rows in ``gradvar_groups.csv``) and, at the end, draws
 ``gradvar_heatmap.png`` and ``gradvar_profile.png`` and sends the heatmap to the loggers that take images
-(``gradvar/heatmap``, unless ``log`` is false).
+(``gradvar/heatmap``, unless ``log`` is false). The engine and chunk size of the probe (``chunk_size: auto``:
+the largest chunk whose estimated memory fits ``memory_budget_mib``) are recorded in ``<csv stem>_engine.json``
+beside the CSV (``gradvar_engine.json``), rewritten when they change. In one process the probe forms only the
+squared norms of the per-bin gradient sums (``keep_sums=False``); under DDP the sums themselves, to all-reduce.
 
 Probe sources (``source``):
 - ``interpolant``: seeded pairs from the coupling, eps and stratified t, fixed for the whole run;
@@ -23,6 +26,7 @@ Probe sources (``source``):
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import lightning as L
@@ -31,12 +35,15 @@ from torch import Tensor
 
 from flowmatch import gradvar as gv
 from flowmatch.callbacks.media import log_image
+from flowmatch.gradvar_memory import keep_host_heap
 from flowmatch.interpolants import PathSample
 from flowmatch.keys import gradvar_key, media_key
 from flowmatch.sampling import Solver
 from flowmatch.streams import generator
 
 SOURCES = ("interpolant", "pairs", "integrated")
+ENGINE_KEYS = ("engine", "chunk_size", "chunk_size_setting", "n_chunks", "memory_budget_mib", "bytes_per_sample")
+ENGINE_KEYS += ("fixed_bytes", "sums_bytes", "keep_sums", "device", "dtype", "autocast")
 
 
 class GradientVarianceCallback(L.Callback):
@@ -49,7 +56,8 @@ class GradientVarianceCallback(L.Callback):
         probe_size: int = 400,
         source: str = "interpolant",
         method: str = "auto",
-        chunk_size: int = 64,
+        chunk_size: int | str = "auto",
+        memory_budget_mib: float | None = 2048,
         ode_steps: int = 100,
         seed: int = 0,
         groups: str | None = None,
@@ -67,13 +75,29 @@ class GradientVarianceCallback(L.Callback):
             raise ValueError(
                 f"callbacks.gradvar.probe_size must be >= 2 x the number of bins ({2 * self.K}), got {probe_size}"
             )
+        if int(probe_size) % self.K:
+            raise ValueError(
+                f"callbacks.gradvar.probe_size={probe_size} must be a multiple of the {self.K} bins (an equal count "
+                f"per bin)"
+            )
+        if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"callbacks.gradvar.chunk_size must be 'auto' or an integer >= 1, got {chunk_size!r}")
+        budget = memory_budget_mib
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+            raise ValueError(
+                f"callbacks.gradvar.memory_budget_mib must be a number > 0 (MiB) or null, got {memory_budget_mib!r}"
+            )
+        if method not in ("auto", *gv.ENGINES):
+            raise ValueError(f"callbacks.gradvar.method must be one of {['auto', *gv.ENGINES]}, got {method!r}")
         self.every, self.n_per_bin, self.source = int(every_n_steps), int(probe_size) // self.K, source
-        self.method, self.chunk_size, self.seed, self.groups = method, int(chunk_size), int(seed), groups
+        self.method, self.chunk_size, self.seed, self.groups = method, chunk_size, int(seed), groups
+        self.memory_budget_mib = budget
         self.solver = Solver("euler", steps=int(ode_steps))
         self.filename, self.plot, self.to_loggers = filename, bool(plot), bool(log)
         self.fixed: PathSample | None = None
         self.last_step = -1
         self.last_stats: gv.GradVarStats | None = None
+        self.last_engine: dict | None = None
 
     # --- probe ----------------------------------------------------------------------------
     def _pairs(self, coupling, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -103,6 +127,8 @@ class GradientVarianceCallback(L.Callback):
         return interpolant(x0, x1, t, eps)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if pl_module.device.type == "cpu":  # the probe's temporaries from the heap, not fresh mappings (once)
+            keep_host_heap()
         trainer.datamodule.setup(stage)
         self.fixed = self.draw_fixed(trainer.datamodule.coupling, pl_module.interpolant, trainer.global_rank)
 
@@ -131,8 +157,11 @@ class GradientVarianceCallback(L.Callback):
                 self.edges,
                 method=self.method,
                 chunk_size=self.chunk_size,
+                memory_budget_mib=self.memory_budget_mib,
                 groups=self.groups,
+                keep_sums=trainer.world_size > 1,
             )
+        self._record_engine(trainer, sums.info)
         if trainer.world_size > 1:
             flat = trainer.strategy.reduce(sums.as_tensor().to(pl_module.device), reduce_op="sum")
             sums = sums.from_tensor(flat.cpu())
@@ -157,6 +186,17 @@ class GradientVarianceCallback(L.Callback):
         self._append_csv(self._csv_path(trainer), stats.rows(step))
         if stats.groups:
             self._append_csv(self._csv_path(trainer).with_name("gradvar_groups.csv"), stats.group_rows(step))
+
+    def _record_engine(self, trainer, info: dict) -> None:
+        """Write ``<csv stem>_engine.json`` (rank 0) when the engine or chunk size differs from the last probe's."""
+        rec = {k: info.get(k) for k in ENGINE_KEYS}
+        if not trainer.is_global_zero or rec == self.last_engine:
+            return
+        self.last_engine = rec
+        path = self._csv_path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = {**rec, "probe_size": self.n_per_bin * self.K, "bins": self.K, "step": trainer.global_step}
+        path.with_name(path.stem + "_engine.json").write_text(json.dumps(out, indent=2) + "\n")
 
     def _csv_path(self, trainer) -> Path:
         return Path(trainer.default_root_dir) / self.filename

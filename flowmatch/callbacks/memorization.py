@@ -51,7 +51,7 @@ class MemorizationCallback(L.Callback):
     def __init__(
         self,
         every_n_steps: int = 250,
-        probe_size: int = 256,
+        probe_size: int = 250,
         bins=10,
         euler_steps=(1, 7, 21),
         signal: str = "grad_var",
@@ -72,6 +72,11 @@ class MemorizationCallback(L.Callback):
         if not steps or min(steps) < 1:
             raise ValueError(f"{_KEY}.euler_steps must be a non-empty list of integers >= 1, got {list(euler_steps)}")
         self.edges = bin_edges(bins)
+        if isinstance(probe_size, bool) or int(probe_size) % (self.edges.numel() - 1):
+            raise ValueError(
+                f"{_KEY}.probe_size={probe_size} must be a multiple of the {self.edges.numel() - 1} bins (an equal "
+                f"count per bin)"
+            )
         self.mask = mem.signal_bins(self.edges, signal_t)
         self.alarm = mem.Alarm(threshold, patience)
         self.every, self.probe_size, self.euler_steps, self.signal = int(every_n_steps), int(probe_size), steps, signal
