@@ -27,9 +27,9 @@ from flowmatch.entry import (
     fail,
     instantiate_all,
     preflight,
-    refuse_sharded,
     run_evaluation,
     set_threads,
+    sharded_error,
     stop_nonfinite,
     user_errors,
     write_json,
@@ -92,7 +92,8 @@ def main(cfg: DictConfig) -> dict:
         eval_options = instantiate(cfg.eval)
         module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         callbacks = instantiate_all(cfg.callbacks, "callbacks")
-        refuse_sharded(cfg.trainer.get("strategy", "auto"), dict(zip(cfg.callbacks, callbacks)), eval_options.enabled)
+        if sharded := sharded_error(cfg):  # also checked before the run (flowmatch.entry.run_errors)
+            fail(sharded)
         for cb in callbacks:  # a callback may check its settings against the data before training
             if hasattr(cb, "validate"):
                 cb.validate(datamodule=datamodule, module=module)

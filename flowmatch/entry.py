@@ -137,6 +137,8 @@ def run_errors(config_name: str, cfg: DictConfig, multirun: bool = False) -> lis
     logger = cfg.get("logger") or {}
     if config_name == "train" and isinstance(logger.get("wandb"), DictConfig) and "_target_" in logger.wandb:
         errors += [e for e in [wandb_error({"offline": logger.wandb.get("offline")})] if e]
+    if config_name == "train":
+        errors += [e for e in [sharded_error(cfg)] if e]
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
     if config_name == "train" and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         errors.append(
@@ -310,22 +312,27 @@ def describe_batch(per_device: int, devices: int, nodes: int, accumulate: int, l
     )
 
 
-SHARDED_OK = ("Throughput", "ModelCheckpoint")
-"""Callbacks that run under a sharded strategy (fsdp); the others need the whole model on one rank."""
+SHARDED_OK = ("Throughput",)
+"""Callbacks (class names) that run under a sharded strategy (fsdp); the others need the whole model on one rank."""
 
 
-def refuse_sharded(strategy, chosen: dict, eval_enabled: bool) -> None:
-    """Stop with one error line when ``trainer.strategy`` shards the parameters (fsdp) and a chosen callback
-    (``{config key: object}``) or the end-of-training evaluation needs the whole model on one rank (the EMA copy,
-    per-sample gradients, sampling on rank 0)."""
+def sharded_error(cfg: DictConfig) -> str | None:
+    """The error line when ``trainer.strategy`` shards the parameters (fsdp) and a chosen callback or the
+    end-of-training evaluation needs the whole model on one rank (the EMA copy, per-sample gradients, sampling on
+    rank 0); None when the run is fine. From the config alone, so it is reported before any work."""
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default="auto")
     if "fsdp" not in str(strategy).lower():
-        return
-    bad = [f"callbacks.{name}" for name, cb in chosen.items() if type(cb).__name__ not in SHARDED_OK]
-    if eval_enabled:
+        return None
+    chosen = {k: v for k, v in (cfg.get("callbacks") or {}).items() if isinstance(v, DictConfig) and "_target_" in v}
+    bad = [
+        f"callbacks.{name}" for name, node in chosen.items() if str(node._target_).rsplit(".", 1)[-1] not in SHARDED_OK
+    ]
+    if OmegaConf.select(cfg, "eval.enabled", default=False):
         bad.append("eval.enabled=true")
-    if bad:
-        fail(
-            f"trainer.strategy={strategy} shards the parameters across ranks, but {', '.join(bad)} need(s) the "
-            "whole model on one rank; with fsdp use callbacks=throughput (or none) and eval.enabled=false "
-            "(evaluate the checkpoint with evaluate.py afterwards), or use trainer=ddp"
-        )
+    if not bad:
+        return None
+    return (
+        f"trainer.strategy={strategy} shards the parameters across ranks, but {', '.join(bad)} need(s) the "
+        "whole model on one rank; with fsdp use callbacks=throughput (or none) and eval.enabled=false "
+        "(evaluate the checkpoint with evaluate.py afterwards), or use trainer=ddp"
+    )
