@@ -6,6 +6,7 @@ Writes into the Hydra run dir: .hydra/config.yaml, checkpoints/last.ckpt, metric
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ from flowmatch.entry import (
     describe_batch,
     fail,
     instantiate_all,
+    is_sharded,
     preflight,
     run_evaluation,
     set_threads,
@@ -94,6 +96,12 @@ def main(cfg: DictConfig) -> dict:
         callbacks = instantiate_all(cfg.callbacks, "callbacks")
         if sharded := sharded_error(cfg):  # also checked before the run (flowmatch.entry.run_errors)
             fail(sharded)
+        if is_sharded(cfg) and eval_options.enabled:
+            eval_options = dataclasses.replace(eval_options, enabled=False)
+            print(
+                "flowmatch: trainer.strategy=fsdp: no end-of-training evaluation (it needs the whole model on one "
+                "rank); evaluate checkpoints/last.ckpt with evaluate.py"
+            )
         for cb in callbacks:  # a callback may check its settings against the data before training
             if hasattr(cb, "validate"):
                 cb.validate(datamodule=datamodule, module=module)

@@ -316,23 +316,24 @@ SHARDED_OK = ("Throughput",)
 """Callbacks (class names) that run under a sharded strategy (fsdp); the others need the whole model on one rank."""
 
 
+def is_sharded(cfg: DictConfig) -> bool:
+    """Whether ``trainer.strategy`` shards the parameters across ranks (fsdp)."""
+    return "fsdp" in str(OmegaConf.select(cfg, "trainer.strategy", default="auto")).lower()
+
+
 def sharded_error(cfg: DictConfig) -> str | None:
-    """The error line when ``trainer.strategy`` shards the parameters (fsdp) and a chosen callback or the
-    end-of-training evaluation needs the whole model on one rank (the EMA copy, per-sample gradients, sampling on
-    rank 0); None when the run is fine. From the config alone, so it is reported before any work."""
-    strategy = OmegaConf.select(cfg, "trainer.strategy", default="auto")
-    if "fsdp" not in str(strategy).lower():
+    """The error line when the strategy shards the parameters (fsdp) and a chosen callback needs the whole model on
+    one rank (the EMA copy, per-sample gradients, sampling on rank 0); None when the run is fine. From the config
+    alone, so it is reported before any work. (The end-of-training evaluation is skipped under fsdp: train.py.)"""
+    if not is_sharded(cfg):
         return None
     chosen = {k: v for k, v in (cfg.get("callbacks") or {}).items() if isinstance(v, DictConfig) and "_target_" in v}
     bad = [
         f"callbacks.{name}" for name, node in chosen.items() if str(node._target_).rsplit(".", 1)[-1] not in SHARDED_OK
     ]
-    if OmegaConf.select(cfg, "eval.enabled", default=False):
-        bad.append("eval.enabled=true")
     if not bad:
         return None
     return (
-        f"trainer.strategy={strategy} shards the parameters across ranks, but {', '.join(bad)} need(s) the "
-        "whole model on one rank; with fsdp use callbacks=throughput (or none) and eval.enabled=false "
-        "(evaluate the checkpoint with evaluate.py afterwards), or use trainer=ddp"
+        f"trainer.strategy={cfg.trainer.strategy} shards the parameters across ranks, but {', '.join(bad)} need(s) "
+        "the whole model on one rank; with fsdp use callbacks=throughput (or none), or use trainer=ddp"
     )

@@ -44,16 +44,18 @@ def test_one_process_run_records_its_batch(tmp_path):
     assert "flowmatch: global batch 16 = data.batch_size 8 per device x 1 device(s)" in proc.stdout
 
 
-@pytest.mark.parametrize(
-    "extra", [["callbacks=gradvar", "eval.enabled=false"], ["callbacks=none", "eval.enabled=true"]]
-)
-def test_fsdp_refuses_what_needs_the_whole_model(tmp_path, extra):
-    """trainer=fsdp with a probe (or the end-of-training evaluation) stops with one error line before training."""
-    proc = run_entry("train.py", *TINY[:-2], "trainer=fsdp", *extra, f"hydra.run.dir={tmp_path}", check=False)
+@pytest.mark.parametrize("callbacks", ["gradvar", "[ema,throughput]"])
+def test_fsdp_refuses_callbacks_that_need_the_whole_model(tmp_path, callbacks):
+    """trainer=fsdp with a probe or EMA stops with one error line naming the callback, before any work (before the
+    no-GPU check too)."""
+    proc = run_entry(
+        "train.py", *TINY, "trainer=fsdp", f"callbacks={callbacks}", f"hydra.run.dir={tmp_path}", check=False
+    )
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    named = "callbacks.gradvar" if extra[0] == "callbacks=gradvar" else "eval.enabled=true"
+    named = "callbacks.gradvar" if callbacks == "gradvar" else "callbacks.ema"
     assert "trainer.strategy=fsdp" in errors[0] and named in errors[0] and "trainer=ddp" in errors[0]
+    assert "callbacks.throughput" not in errors[0]
     assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
 
 
