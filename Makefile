@@ -44,11 +44,12 @@ test-fast: install  ## the fast tests only
 test-slow: install  ## the slow tests only (DDP, sweeps)
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
 
-benchmark: install  ## Lightning-vs-bare-loop and gradient-variance cost ratios
+benchmark: install  ## CPU: Lightning-vs-bare-loop ratios, gradient-variance cost, global vs per-rank OT under DDP
 	$(BIN)/python benchmarks/training_loop.py
 	$(BIN)/python benchmarks/gradvar_cost.py
+	$(BIN)/python benchmarks/global_ot_cost.py
 
-gpu-check: install  ## GPU: train unet_cifar on synthetic CIFAR-shaped tensors, print steps/s (scripts/gpu_check.sh)
+gpu-check: install  ## GPU: unet_cifar on synthetic CIFAR-shaped tensors: train.py steps/s, Lightning vs bare loop, bf16, compile, probe cost (scripts/gpu_check.sh)
 	PY=$(BIN)/python scripts/gpu_check.sh
 
 # --- the paper (REPRODUCTION.md): `make <item>` sweeps into $(RUNS)/<item>, figures + CSV into $(FIGS)/<item> ---

@@ -6,6 +6,7 @@ Writes into the Hydra run dir: .hydra/config.yaml, checkpoints/last.ckpt, metric
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -21,12 +22,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flowmatch import wandb_run
 from flowmatch.entry import (
+    batch_protocol,
     build,
+    describe_batch,
     fail,
     instantiate_all,
+    is_sharded,
     preflight,
     run_evaluation,
     set_threads,
+    sharded_error,
     stop_nonfinite,
     user_errors,
     write_json,
@@ -60,6 +65,11 @@ def _resolve_ckpt(ckpt_path, ckpt_dir: Path):
     return ckpt_path
 
 
+def _batch(trainer, datamodule) -> tuple[int, int, int, int]:
+    """(per-device batch, devices, nodes, accumulate_grad_batches): the factors of the global batch."""
+    return datamodule.batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches
+
+
 def _loggers(group: DictConfig, run_dir: Path, resuming: bool) -> list:
     """The ``logger`` group instantiated; a WandbLogger gets its id, resume mode and sweep group first
     (``flowmatch/wandb_run.py``)."""
@@ -84,6 +94,14 @@ def main(cfg: DictConfig) -> dict:
         eval_options = instantiate(cfg.eval)
         module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         callbacks = instantiate_all(cfg.callbacks, "callbacks")
+        if sharded := sharded_error(cfg):  # also checked before the run (flowmatch.entry.run_errors)
+            fail(sharded)
+        if is_sharded(cfg) and eval_options.enabled:
+            eval_options = dataclasses.replace(eval_options, enabled=False)
+            print(
+                "flowmatch: trainer.strategy=fsdp: no end-of-training evaluation (it needs the whole model on one "
+                "rank); evaluate checkpoints/last.ckpt with evaluate.py"
+            )
         for cb in callbacks:  # a callback may check its settings against the data before training
             if hasattr(cb, "validate"):
                 cb.validate(datamodule=datamodule, module=module)
@@ -98,8 +116,10 @@ def main(cfg: DictConfig) -> dict:
             )
         )
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
-    n_params = sum(p.numel() for p in module.model.parameters())
-    print(f"flowmatch: {type(module.model).__name__} with {n_params:,} parameters; run dir {run_dir}")
+    if rank_zero_only.rank == 0:
+        n_params = sum(p.numel() for p in module.model.parameters())
+        print(f"flowmatch: {type(module.model).__name__} with {n_params:,} parameters; run dir {run_dir}")
+        print(describe_batch(*_batch(trainer, datamodule), lr=cfg.optimizer.get("lr")))
 
     ok = False
     try:
@@ -121,7 +141,7 @@ def _fit_and_evaluate(trainer, module, datamodule, solver, eval_options, ckpt_pa
         stop_nonfinite(exc, run_dir / "checkpoints" / "last.ckpt")
     if not trainer.is_global_zero:
         return {}
-    metrics = {metric("train/global_step"): float(trainer.global_step)}
+    metrics = {metric("train/global_step"): float(trainer.global_step), **batch_protocol(*_batch(trainer, datamodule))}
     for key in (metric("train/loss"), metric("val/loss")):
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])

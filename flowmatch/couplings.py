@@ -170,15 +170,29 @@ class IndependentCoupling(Coupling):
 
 class OTCoupling(Coupling):
     """Exact minibatch OT: a fresh independent batch re-paired by the squared-L2 optimal assignment (scipy's
-    ``linear_sum_assignment``, so POT is not needed for this exact, unregularised case)."""
+    ``linear_sum_assignment``, so POT is not needed for this exact, unregularised case).
+
+    ``global_ot``: under DDP the training stream re-pairs the union of the ranks' independent batches by one
+    assignment (:mod:`flowmatch.global_ot`; ``FlowDataModule``'s stream); ``sample`` (held-out pairs, probes)
+    always pairs within its own batch."""
 
     name = "ot"
+
+    def __init__(self, n_holdout: int = 0, seed: int = 0, global_ot: bool = False) -> None:
+        super().__init__(n_holdout, seed)
+        if not isinstance(global_ot, bool):
+            raise ValueError(f"coupling.global_ot must be true or false, got {global_ot!r}")
+        self.global_ot = global_ot
 
     def pair(self, x0, x1):
         return x0, x1[ot_assignment(x0, x1)]
 
+    def draw_independent(self, n: int, generator=None) -> tuple[Tensor, Tensor]:
+        """``n`` independent draws of p0 and of p1 (the batch before pairing; ``sample`` pairs it)."""
+        return self.p0.sample(n, generator), self.p1.sample(n, generator)
+
     def sample(self, n, generator=None):
-        return self.pair(self.p0.sample(n, generator), self.p1.sample(n, generator))
+        return self.pair(*self.draw_independent(n, generator))
 
 
 class FixedCoupling(Coupling):

@@ -138,9 +138,10 @@ class Empirical(Distribution):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         idx = torch.randint(len(self.data), (n,), generator=generator)
-        x = self.data[idx.to(self.data.device)].float()
+        # non_blocking: a blocking host-to-GPU copy would wait for the GPU to finish its queued work (every step)
+        x = self.data[idx.to(self.data.device, non_blocking=True)].float()
         if self.hflip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
             x = torch.where(flip.reshape(n, *[1] * (x.dim() - 1)), x.flip(-1), x)
         return x
 

@@ -137,6 +137,8 @@ def run_errors(config_name: str, cfg: DictConfig, multirun: bool = False) -> lis
     logger = cfg.get("logger") or {}
     if config_name == "train" and isinstance(logger.get("wandb"), DictConfig) and "_target_" in logger.wandb:
         errors += [e for e in [wandb_error({"offline": logger.wandb.get("offline")})] if e]
+    if config_name == "train":
+        errors += [e for e in [sharded_error(cfg)] if e]
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
     if config_name == "train" and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         errors.append(
@@ -281,3 +283,57 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+LR_RULE = "none: lr is used as given"
+"""The learning-rate rule across global batch sizes: no scaling with the batch (``train/lr_scale`` = 1)."""
+
+
+def batch_protocol(per_device: int, devices: int, nodes: int, accumulate: int) -> dict:
+    """The batch semantics of a run: ``data.batch_size`` is per device (process), so the effective global batch of
+    one optimizer step is per_device x devices x nodes x accumulate_grad_batches; metrics.json keys
+    ``train/global_batch_size``, ``train/world_size`` and ``train/lr_scale`` (1.0: :data:`LR_RULE`)."""
+    from flowmatch.keys import metric
+
+    world = int(devices) * int(nodes)
+    return {
+        metric("train/global_batch_size"): float(int(per_device) * world * int(accumulate)),
+        metric("train/world_size"): float(world),
+        metric("train/lr_scale"): 1.0,
+    }
+
+
+def describe_batch(per_device: int, devices: int, nodes: int, accumulate: int, lr) -> str:
+    """The start-of-training line that states the batch semantics and the learning-rate rule."""
+    glob = int(per_device) * int(devices) * int(nodes) * int(accumulate)
+    return (
+        f"flowmatch: global batch {glob} = data.batch_size {per_device} per device x {devices} device(s) x "
+        f"{nodes} node(s) x accumulate_grad_batches {accumulate}; learning rate {lr} ({LR_RULE})"
+    )
+
+
+SHARDED_OK = ("Throughput",)
+"""Callbacks (class names) that run under a sharded strategy (fsdp); the others need the whole model on one rank."""
+
+
+def is_sharded(cfg: DictConfig) -> bool:
+    """Whether ``trainer.strategy`` shards the parameters across ranks (fsdp)."""
+    return "fsdp" in str(OmegaConf.select(cfg, "trainer.strategy", default="auto")).lower()
+
+
+def sharded_error(cfg: DictConfig) -> str | None:
+    """The error line when the strategy shards the parameters (fsdp) and a chosen callback needs the whole model on
+    one rank (the EMA copy, per-sample gradients, sampling on rank 0); None when the run is fine. From the config
+    alone, so it is reported before any work. (The end-of-training evaluation is skipped under fsdp: train.py.)"""
+    if not is_sharded(cfg):
+        return None
+    chosen = {k: v for k, v in (cfg.get("callbacks") or {}).items() if isinstance(v, DictConfig) and "_target_" in v}
+    bad = [
+        f"callbacks.{name}" for name, node in chosen.items() if str(node._target_).rsplit(".", 1)[-1] not in SHARDED_OK
+    ]
+    if not bad:
+        return None
+    return (
+        f"trainer.strategy={cfg.trainer.strategy} shards the parameters across ranks, but {', '.join(bad)} need(s) "
+        "the whole model on one rank; with fsdp use callbacks=throughput (or none), or use trainer=ddp"
+    )

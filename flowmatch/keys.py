@@ -2,10 +2,11 @@
 
 Code never spells a key itself: it calls :func:`metric` (or :func:`gradvar_key`), which refuses a name that is
 not registered here, and ``docs/DESIGN.md`` lists exactly these keys (``tests/test_design_doc.py`` checks it).
-Keys are namespaced with ``/``: ``train/`` and ``val/`` from training, ``eval/`` from the evaluation of the
-learned flow (end of training and ``evaluate.py``), ``protocol/`` describing how the ``eval/`` numbers were
-made, ``gradvar/`` from the gradient-variance callback, ``mem/`` from the memorization callback; :data:`MEDIA` are
-the images sent to loggers that take them.
+Keys are namespaced with ``/``: ``train/`` and ``val/`` from training (with its batch semantics: global batch,
+processes, learning-rate factor), ``eval/`` from the evaluation of the learned flow (end of training and
+``evaluate.py``), ``protocol/`` describing how the ``eval/`` numbers were made, ``gradvar/`` from the
+gradient-variance callback, ``mem/`` from the memorization callback; :data:`MEDIA` are the images sent to loggers
+that take them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ METRICS: dict[str, str] = {
     "protocol/split": "images: the real split FID/KID compared against (train/test)",
     "protocol/feature_extractor": "images: the feature network of FID/KID (off, inception, a class name)",
     "protocol/n_real": "images: number of real images for FID/KID",
+    "train/global_batch_size": "pairs per optimizer step over all processes: data.batch_size (per device) x "
+    "devices x num_nodes x accumulate_grad_batches",
+    "train/world_size": "training processes: devices x num_nodes",
+    "train/lr_scale": "factor applied to optimizer.lr for the global batch (1.0: no rule, lr is used as given)",
     "mem/signal": "memorization alarm signal at the probe: mean over the signal bins of log10(held-out / train) "
     "of callbacks.memorization.signal (loss or grad_var)",
     "mem/loss_gap": "mean over the signal bins of log10(held-out loss / train loss) at the probe",

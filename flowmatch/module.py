@@ -107,10 +107,12 @@ class FlowMatchingModule(L.LightningModule):
         t, eps = self.draw_t_eps(x0)
         loss = per_sample_loss(self.train_model(), self.interpolant(x0, x1, t, eps)).mean()
         self.loss_guard.update(loss, self.global_step)
-        # Logging every step costs more than a small MLP step; log at the logger's cadence.
+        # Logging every step costs more than a small MLP step; log at the logger's cadence. A CPU copy: Lightning
+        # reads progress-bar values with .item() after *every* batch (the last logged one until the next), which on
+        # a GPU tensor would synchronise the device each step; the copy synchronises once per log_every steps.
         if self.global_step % self.log_every == 0:
             self.loss_guard.check()
-            self.log(metric("train/loss"), loss.detach(), prog_bar=True)
+            self.log(metric("train/loss"), loss.detach().cpu(), prog_bar=True)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

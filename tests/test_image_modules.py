@@ -187,15 +187,20 @@ def test_missing_data_one_clear_error(tmp_path, data, layout):
 
 
 @pytest.mark.slow
-def test_gpu_check_script_starts_on_cpu(tmp_path):
-    """scripts/gpu_check.sh (make gpu-check) on the CPU for a few steps: unet_cifar on synthetic images."""
+def test_gpu_check_script_runs_on_cpu_when_allowed(tmp_path):
+    """scripts/gpu_check.sh (make gpu-check) with ALLOW_CPU=1 at tiny size: train.py on unet_cifar for a few steps,
+    then the Lightning-vs-bare loop on a tiny UNet, and the summary block."""
     import os
     import subprocess
     import sys
 
     from helpers import ROOT
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PY": sys.executable, "OUT": str(tmp_path)}
+    loop = (
+        "--steps 2 --warmup 1 --rounds 1 --compile false --precision 32-true --probe-size 20 threads=1 model=unet "
+        "model.base_channels=8 data.image_size=8 data.dim=192 data.n_images=32 data.batch_size=4"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PY": sys.executable, "OUT": str(tmp_path), "ALLOW_CPU": "1"}
     proc = subprocess.run(
         [
             "bash",
@@ -208,11 +213,13 @@ def test_gpu_check_script_starts_on_cpu(tmp_path):
             "threads=1",
         ],
         cwd=ROOT,
-        env=env,
+        env={**env, "LOOP_ARGS": loop},
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "35,746,307 parameters" in proc.stdout and "steps/s" in proc.stdout
-    assert (tmp_path / "throughput.json").exists()
+    summary = proc.stdout.split("flowmatch gpu-check: summary", 1)[1]
+    assert "train.py throughput" in summary and "32-true" in summary and "gradient-variance probe" in summary
+    assert (tmp_path / "throughput.json").exists() and (tmp_path / "gpu_loop.json").exists()

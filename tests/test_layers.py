@@ -10,6 +10,7 @@ CORE = [
     "flowmatch.streams",
     "flowmatch.interpolants",
     "flowmatch.couplings",
+    "flowmatch.global_ot",
     "flowmatch.losses",
     "flowmatch.sampling",
     "flowmatch.stability",

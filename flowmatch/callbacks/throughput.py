@@ -1,8 +1,11 @@
 """Training throughput: steps/s and samples/s after ``warmup_steps`` (``callbacks=throughput``).
 
 Times the optimizer steps from the end of step ``warmup_steps`` (compilation, cuDNN autotuning and the
-first allocations are excluded) to the end of training, synchronising CUDA before reading the clock:
-steps/s = (N - warmup) / (t_N - t_warmup), samples/s = steps/s * batch size (per process). On CUDA it also
+first allocations are excluded) to the end of the last training batch: steps/s = (N - warmup) / (t_N - t_warmup),
+samples/s = steps/s * batch size (per process). Work done after the last batch (``on_train_epoch_end`` /
+``on_train_end`` hooks: the final gradient-variance probes and figures, the last checkpoint) is not training
+throughput and is not counted; probes and checkpoints *during* training are. On CUDA the end is a CUDA event
+recorded at every batch end (no synchronisation per step), read once at the end of training. On CUDA it also
 records the peak GPU memory of the process (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``, GiB,
 since the start of training). Prints one line ``flowmatch: throughput ...`` and writes ``throughput.json`` into the
 run dir (global rank 0).
@@ -30,14 +33,11 @@ class Throughput(L.Callback):
     def __init__(self, warmup_steps: int = 20) -> None:
         self.warmup = max(0, int(warmup_steps))
         self.t0: float | None = None
-        self.step0 = 0
+        self.step0 = self.step1 = 0
         self.batch_size = 0
         self.result: dict | None = None
-
-    def _now(self, pl_module) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        return time.perf_counter()
+        self._t1 = 0.0
+        self._events: tuple | None = None  # CUDA: (start, end) events
 
     def on_train_start(self, trainer, pl_module) -> None:
         if pl_module.device.type == "cuda":
@@ -45,14 +45,30 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.batch_size = len(batch[0])
-        if self.t0 is None and trainer.global_step >= self.warmup:
-            self.t0, self.step0 = self._now(pl_module), trainer.global_step
+        if self.t0 is not None:  # mark the end of this batch (CUDA: an event, no synchronisation)
+            self.step1 = trainer.global_step
+            if self._events is not None:
+                self._events[1].record()
+            else:
+                self._t1 = time.perf_counter()
+        elif trainer.global_step >= self.warmup:  # the clock starts here, once
+            self.t0, self.step0 = time.perf_counter(), trainer.global_step
+            if pl_module.device.type == "cuda":
+                self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                self._events[0].record()
+
+    def _seconds(self) -> float:
+        """Seconds from the start of the clock to the end of the last training batch."""
+        if self._events is None:
+            return self._t1 - self.t0
+        self._events[1].synchronize()
+        return self._events[0].elapsed_time(self._events[1]) / 1000.0
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.t0 is None or trainer.global_step <= self.step0:
+        if self.t0 is None or self.step1 <= self.step0:
             print(f"flowmatch: throughput not measured ({trainer.global_step} steps <= warmup {self.warmup})")
             return
-        dt, n = self._now(pl_module) - self.t0, trainer.global_step - self.step0
+        dt, n = self._seconds(), self.step1 - self.step0
         self.result = {
             "steps": n,
             "seconds": dt,

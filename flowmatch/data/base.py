@@ -9,11 +9,17 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from flowmatch.couplings import Coupling
 from flowmatch.direction import apply_direction
 from flowmatch.evaluation import EvalSetup
+from flowmatch.global_ot import global_ot_pair, world
 from flowmatch.streams import generator, stream_seed
 
 
 class PairStream(IterableDataset):
     """An endless stream of coupled batches ``(x0, x1)``, each of ``batch_size`` pairs.
+
+    With a coupling whose ``global_ot`` is true, each batch is drawn unpaired (``draw_independent``) and paired by
+    one OT assignment over the union of every DDP rank's batch (:func:`flowmatch.global_ot.global_ot_pair`, a
+    collective: every rank's stream yields in step; the draws, hence the generator states, are those of per-rank
+    OT).
 
     Batch k is drawn from the generator state ``g_k`` reached after batches 0..k-1 of this rank's ``train``
     stream. The stream remembers the states of its last few batches (:meth:`state_at`), so a checkpoint can store
@@ -35,18 +41,26 @@ class PairStream(IterableDataset):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed)  # the seed of this rank's "train" stream
+        global_ot = bool(getattr(self.coupling, "global_ot", False))
+        draw = self.coupling.draw_independent if global_ot else self.coupling.sample
         k = 0
         if self.resume:
             k = int(self.resume["batch"])
             if "state" in self.resume:
                 g.set_state(self.resume["state"])
             else:
-                for _ in range(k):
-                    self.coupling.sample(self.batch_size, g)
+                for _ in range(k):  # the same draws without pairing (no collective for global OT)
+                    draw(self.batch_size, g)
+        rank, size = world()
+        if global_ot and rank == 0 and size > 1:
+            print(
+                f"flowmatch: coupling.global_ot: one OT assignment per step over the union of {size} ranks' "
+                f"batches ({size} x {self.batch_size} pairs)"
+            )
         while True:
             self._states[k] = g.get_state()
             self._states.pop(k - self.KEEP, None)
-            yield self.coupling.sample(self.batch_size, g)
+            yield global_ot_pair(*draw(self.batch_size, g)) if global_ot else draw(self.batch_size, g)
             k += 1
 
 
