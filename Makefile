@@ -79,7 +79,7 @@ FIG5_FAST    := gradvar_field.dim=2,5 gradvar_field.n_per_bin=16
 ROTATED      = coupling=rotated hydra.sweep.dir=$(RUNS)/$@/rotated
 INDEPENDENT  = coupling=independent '~coupling.angle' hydra.sweep.dir=$(RUNS)/$@/independent
 FIG6_SWEEP   := interpolant.sigma=0.0,0.01,0.05,0.1 coupling.n_pairs=50,1000 seed=0,1,2
-FIG6_FAST    := interpolant.sigma=0.0,0.05 coupling.n_pairs=50 seed=0 debug=fast 'callbacks.eval_steps.steps=[10]'
+FIG6_FAST    := interpolant.sigma=0.0,0.05 coupling.n_pairs=50 seed=0 debug=fast 'callbacks.eval_steps.steps=[10]' 'eval.euler_steps=[1,7,101]'
 PROP2_SWEEP  := data.dim=2,3,50 interpolant.sigma=0.0,0.05
 PROP2_FAST   := data.dim=2 interpolant.sigma=0.0,0.05 debug=fast
 PROP2_FRESH_SWEEP := data.dim=2,3,50

@@ -158,7 +158,7 @@ TABLES: dict[str, dict[str, Rule]] = {
         "seed": integer(0),
         "keep_trajectories": int_list(1, empty=True),
         "batch_size": integer(1, null=True),
-        "w2_max_dim": integer(1),
+        "w2_max_dim": integer(0),
         "mmd_max_n": integer(2, null=True),
         "fid": BOOL,
         "inception_weights": STR_OR_NULL,

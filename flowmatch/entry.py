@@ -149,7 +149,7 @@ def run_errors(config_name: str, cfg: DictConfig, multirun: bool = False) -> lis
         errors.append(
             f"ckpt_path is required for task={cfg.task} (a checkpoint written by train.py: RUN/checkpoints/last.ckpt)"
         )
-    if ckpt_path is not None and not (config_name == "train" and ckpt_path == "last"):
+    if ckpt_path is not None and not (config_name == "train" and ckpt_path in ("last", "auto")):
         if config_name == "train" or cfg.get("task") in EVAL_TASKS_WITH_CKPT:
             errors += _checkpoint_errors(ckpt_path, cfg.model if config_name == "train" else None)
     return errors
