@@ -20,7 +20,6 @@ and writes into FIG_DIR:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -42,7 +41,7 @@ from flowmatch.analysis.verdicts import (  # noqa: E402
     sigma_verdicts,
     tilt,
 )
-from flowmatch.plots.common import find_jobs, load_config, read_csv, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, find_jobs, load_config, read_csv, save_figure, write_csv, write_json  # noqa: E402
 
 SOURCES = {"interpolant": "gradvar.csv", "integrated": "gradvar_integrated.csv"}
 COLORS = {0.0: "tab:red", 0.05: "tab:blue"}
@@ -218,22 +217,15 @@ def plot(records: list[dict], peaks: dict, sigmas_v: dict, out: Path) -> None:
         "(expected: forward peaks near t = 1, backward near t = 0; σ = 0.05 lower than σ = 0 on integrated samples)",
         fontsize=12,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, rect=(0, 0, 1, 0.95))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: RUNS_DIR (the sweep of ``make fig-gradvar``) -> FIG_DIR/fig-gradvar.png, CSVs, summary.json."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs_dir")
-    ap.add_argument("fig_dir")
-    args = ap.parse_args(argv)
-    records = [rec for run in find_jobs(args.runs_dir) for rec in run_records(run)]
+    runs_dir, out = figure_cli(__doc__, argv)
+    records = [rec for run in find_jobs(runs_dir) for rec in run_records(run)]
     if not records:
-        sys.exit(f"error: no gradvar.csv / gradvar_integrated.csv under {args.runs_dir!r}: run the sweep first")
-    out = Path(args.fig_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        sys.exit(f"error: no gradvar.csv / gradvar_integrated.csv under {str(runs_dir)!r}: run the sweep first")
     peaks, sig = peak_verdicts(records), sigma_verdicts(records)
     write_csv(out / "fig-gradvar.csv", aggregate(records))
     write_csv(out / "fig-gradvar_seeds.csv", records)

@@ -19,7 +19,6 @@ training runs those checkpoints belong to, and writes into FIG_DIR:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from flowmatch.analysis.stats import mean_spread  # noqa: E402
 from flowmatch.analysis.verdicts import CRITERION_K, stability_verdicts  # noqa: E402
-from flowmatch.plots.common import read_csv, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, read_csv, save_figure, write_csv, write_json  # noqa: E402
 
 DIR_COLORS = {"forward": "tab:purple", "backward": "tab:green"}
 METHOD_STYLES = {"euler": "-", "midpoint": "--", "rk4": ":"}
@@ -272,23 +271,16 @@ def plot(agg: list[dict], profiles: list[dict], summary: dict, out: Path) -> Non
         "next to the gradient variance of the same models",
         fontsize=12,
     )
-    fig.tight_layout(rect=(0, 0.012 * (len(lines) + 1), 1, 0.96))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, rect=(0, 0.012 * (len(lines) + 1), 1, 0.96))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: RUNS_DIR (``make fig-stability``) -> FIG_DIR/fig-stability.png, CSVs, summary.json."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs_dir")
-    ap.add_argument("fig_dir")
-    args = ap.parse_args(argv)
-    rows = load_rows(Path(args.runs_dir))
+    runs_dir, out = figure_cli(__doc__, argv)
+    rows = load_rows(runs_dir)
     records = long_records(rows)
     agg, profiles = aggregate(records), gradvar_profiles(rows)
     summary = stability_verdicts(records, profiles)
-    out = Path(args.fig_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "fig-stability.csv", agg)
     if profiles:
         write_csv(out / "fig-stability_gradvar.csv", profiles)

@@ -17,7 +17,6 @@ flow's ReFlow output pairs (x0, Phi(x0)) on fresh sources, ``evaluate.py task=re
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 from flowmatch.analysis.reflow import fitted_rotation, reflow_rotation_angle  # noqa: E402
 from flowmatch.gaussian import rotation_matrix  # noqa: E402
 from flowmatch.metrics import l2_distances, pair_accuracy  # noqa: E402
-from flowmatch.plots.common import find_jobs, load_config, load_run, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, find_jobs, load_config, load_run, write_csv, write_json  # noqa: E402
 
 RATIO = 0.1  # "much smaller": mean L2 to the rotated partner below RATIO x mean L2 to the OT partner
 ANGLE_TOL = 5.0  # degrees
@@ -160,16 +159,12 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: figure, CSV and summary.json of a ``make lemma2`` runs directory."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs_dir")
-    ap.add_argument("fig_dir")
-    args = ap.parse_args(argv)
-    pair_runs = [j for j in find_jobs(args.runs_dir) if (j / "reflow_pairs.pt").exists()]
+    runs_dir, out = figure_cli(__doc__, argv)
+    pair_runs = [j for j in find_jobs(runs_dir) if (j / "reflow_pairs.pt").exists()]
     rows = [r for r in (run_row(j) for j in pair_runs) if r is not None]
     if not rows:
-        sys.exit(f"error: no ReFlow pairs (reflow_pairs.pt) under {args.runs_dir!r}: run the sweep first")
+        sys.exit(f"error: no ReFlow pairs (reflow_pairs.pt) under {str(runs_dir)!r}: run the sweep first")
     rows.sort(key=lambda r: (r["angle"], r["sigma"]))
-    out = Path(args.fig_dir)
     write_csv(out / "lemma2.csv", rows)
     write_json(out / "summary.json", {"runs": rows, "verdicts": verdicts(rows)})
     plot(rows, out / "lemma2.png")
