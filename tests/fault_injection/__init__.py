@@ -20,3 +20,22 @@ class PauseAtStep(L.Callback):
             if self.flag:
                 open(self.flag, "w").close()
             time.sleep(self.seconds)
+
+
+class NonFiniteOnRank(L.Callback):
+    """Make the training loss ``value`` (nan or inf) on global rank ``rank`` alone at optimizer step ``step``: the
+    model's output is shifted by ``value`` for that one batch (as if that rank's batch held a NaN or inf), so its
+    gradient is non-finite too and reaches the other ranks through DDP's gradient all-reduce."""
+
+    def __init__(self, step: int, rank: int = 1, value: str = "nan") -> None:
+        self.step, self.rank, self.value = int(step), int(rank), float(value)
+        self._handle = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            self._handle = pl_module.model.register_forward_hook(lambda module, args, out: out + self.value)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
