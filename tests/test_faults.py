@@ -2,6 +2,7 @@
 finite checkpoint; a checkpoint that is truncated, not a checkpoint, not flowmatch's or of another architecture
 stops train.py and evaluate.py with one line before any work."""
 
+import json
 import os
 import re
 import shutil
@@ -99,6 +100,28 @@ def test_first_nonfinite_agrees_on_the_first_bad_step_over_ranks():
     assert both.step == 0 and both.ranks == (0,) and "no finite loss before it" in str(both)
     tie = first_nonfinite(table([0.3, 2, 3, nan], [0.2, 2, 3, nan]))
     assert tie.ranks == (0, 1) and "on ranks 0, 1 of 2" in str(tie) and tie.last_finite == 0.3
+
+
+@pytest.mark.slow
+def test_loss_guards_of_two_gloo_ranks_raise_the_same_error_at_the_same_check(tmp_path):
+    """tests/guard_ranks.py: NaN on rank 1 alone at step 3 (every rank from step 4). Neither rank raises at the update
+    (the CPU guard of one process would), the check at step 2 passes on both, the check at step 5 raises on both
+    the same error naming step 3, rank 1 and rank 1's last finite loss (rank 0's was finite at step 3 too); the
+    same with the lazy (accelerator) guard. The weights check names rank 0's last finite loss on both ranks."""
+    proc = subprocess.run(
+        [sys.executable, "tests/guard_ranks.py", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loss = "the training loss is nan at step 3 on rank 1 of 2 (last finite loss 0.433333 at step 2 on rank 1)"
+    weights = "the weights are not finite after step 2 (last finite loss 0.333333 at step 2 on rank 0)"
+    for rank in (0, 1):
+        for lazy, got in json.loads((tmp_path / f"rank{rank}.json").read_text()).items():
+            assert got == {"update": None, "checks": {"2": None, "5": loss}, "weights": weights}, (rank, lazy)
 
 
 @pytest.mark.slow
