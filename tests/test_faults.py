@@ -126,26 +126,27 @@ def test_loss_guards_of_two_gloo_ranks_raise_the_same_error_at_the_same_check(tm
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "value,rank,step,max_steps,save_every,kept",
+    "value,rank,step,max_steps,save_every,kept,delay",
     [
-        ("nan", 1, 5, 12, 2, 4),  # stopped by the check before the checkpoint of step 6
-        ("inf", 0, 9, 11, 4, 8),  # after the last log step and checkpoint: stopped by the check at the end of training
+        ("nan", 1, 5, 12, 2, 4, 6),  # stopped by the check before the checkpoint of step 6
+        ("inf", 0, 9, 11, 4, 8, 0),  # after the last log step and checkpoint: stopped at the end of training
     ],
 )
 def test_nonfinite_loss_on_one_ddp_rank_stops_every_rank_with_one_line(
-    value, rank, step, max_steps, save_every, kept, tmp_path
+    value, rank, step, max_steps, save_every, kept, delay, tmp_path
 ):
     """trainer=ddp_cpu (2 gloo processes): the loss is non-finite on one rank alone at ``step``; the gradient
     all-reduce then spreads NaN weights to the other rank. Both ranks stop at the guard's next check with the same
     line naming the step and the rank, exit status 1, no hang, no evaluation; last.ckpt is the finite one of step
-    ``kept``, written before the fault."""
+    ``kept``, written before the fault. ``delay``: rank 0 takes that long to exit; rank 1 must not exit before it
+    (Lightning's launcher would SIGKILL rank 0: status -9)."""
     fault = "tests.fault_injection.NonFiniteOnRank"
     cmd = [
         sys.executable, "train.py", "threads=1", "trainer=ddp_cpu", *FAST, "data.batch_size=8", "logger=none",
         f"trainer.max_steps={max_steps}", "trainer.log_every_n_steps=4", f"trainer.val_check_interval={max_steps}",
         f"checkpoint.every_n_train_steps={save_every}", f"+callbacks.fault._target_={fault}",
         f"+callbacks.fault.step={step}", f"+callbacks.fault.rank={rank}", f"+callbacks.fault.value={value}",
-        f"hydra.run.dir={tmp_path}",
+        f"+callbacks.fault.rank0_exit_delay_s={delay}", f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

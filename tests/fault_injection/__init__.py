@@ -25,10 +25,13 @@ class PauseAtStep(L.Callback):
 class NonFiniteOnRank(L.Callback):
     """Make the training loss ``value`` (nan or inf) on global rank ``rank`` alone at optimizer step ``step``: the
     model's output is shifted by ``value`` for that one batch (as if that rank's batch held a NaN or inf), so its
-    gradient is non-finite too and reaches the other ranks through DDP's gradient all-reduce."""
+    gradient is non-finite too and reaches the other ranks through DDP's gradient all-reduce. ``rank0_exit_delay_s``:
+    rank 0 lingers that long when training stops on an exception, longer than the 5 s poll of Lightning's launcher,
+    which SIGKILLs rank 0 once another rank has exited with a non-zero status."""
 
-    def __init__(self, step: int, rank: int = 1, value: str = "nan") -> None:
+    def __init__(self, step: int, rank: int = 1, value: str = "nan", rank0_exit_delay_s: float = 0.0) -> None:
         self.step, self.rank, self.value = int(step), int(rank), float(value)
+        self.rank0_exit_delay_s = float(rank0_exit_delay_s)
         self._handle = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -39,3 +42,7 @@ class NonFiniteOnRank(L.Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if trainer.global_rank == 0:
+            time.sleep(self.rank0_exit_delay_s)
