@@ -29,8 +29,10 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def fail(message: str, status: int = 2) -> None:
-    """Print one clear error line and stop (exit status 2: bad input; 1: a fault at run time)."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print one clear error line and stop (exit status 2: bad input; 1: a fault at run time). One write of the
+    whole line: DDP ranks that stop together share stderr, and print's separate newline could interleave them."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     raise SystemExit(status)
 
 
