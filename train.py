@@ -28,6 +28,7 @@ from flowmatch.entry import (
     fail,
     instantiate_all,
     is_sharded,
+    no_last_checkpoint,
     preflight,
     run_evaluation,
     set_threads,
@@ -52,11 +53,7 @@ def _resolve_ckpt(ckpt_path, ckpt_dir: Path):
         return str(last) if last.exists() else None
     if ckpt_path == "last":
         if not last.exists():
-            fail(
-                f"ckpt_path=last: there is no {last} to resume. Resume a run in its own directory: "
-                f"`python train.py hydra.run.dir=RUN_DIR ckpt_path=last` (the overrides of the first run too), "
-                "or give a checkpoint file, or ckpt_path=auto (resume when there is one, else start fresh)"
-            )
+            fail(no_last_checkpoint(str(last)))  # a single run's is found by the preflight, before Hydra runs
         return str(last)
     if not Path(ckpt_path).exists():
         fail(f"ckpt_path={ckpt_path!r} does not exist (give a checkpoint file, `last` or `auto`)")
@@ -161,7 +158,7 @@ def _fit_and_evaluate(trainer, module, datamodule, solver, eval_options, ckpt_pa
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except NonFiniteLoss as exc:  # no evaluation, no checkpoint of the non-finite weights
-        stop_nonfinite(exc, run_dir / "checkpoints" / "last.ckpt")
+        stop_nonfinite(exc, run_dir / "checkpoints" / "last.ckpt", trainer)
     if not trainer.is_global_zero:
         return {}
     metrics = {metric("train/global_step"): float(trainer.global_step), **batch_protocol(*_batch(trainer, datamodule))}

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -169,10 +170,45 @@ def run_errors(config_name: str, cfg: DictConfig, multirun: bool = False) -> lis
         errors.append(
             f"ckpt_path is required for task={cfg.task} (a checkpoint written by train.py: RUN/checkpoints/last.ckpt)"
         )
-    if ckpt_path is not None and not (config_name == "train" and ckpt_path in ("last", "auto")):
-        if config_name == "train" or cfg.get("task") in EVAL_TASKS_WITH_CKPT:
-            errors += _checkpoint_errors(ckpt_path, cfg.model if config_name == "train" else None)
+    if config_name == "train" and ckpt_path in RESUME_KEYWORDS:
+        errors += [] if multirun else _resume_errors(ckpt_path, cfg)
+    elif ckpt_path is not None and (config_name == "train" or cfg.get("task") in EVAL_TASKS_WITH_CKPT):
+        errors += _checkpoint_errors(ckpt_path, cfg.model if config_name == "train" else None)
     return errors
+
+
+RESUME_KEYWORDS = ("last", "auto")
+"""train.py's ``ckpt_path`` keywords: the run dir's ``checkpoints/last.ckpt`` (``auto``: when there is one)."""
+
+
+def no_last_checkpoint(where: str) -> str:
+    """The error line of ``ckpt_path=last`` when ``where`` (the run dir's checkpoint, or a description of the run
+    dir) holds no checkpoint."""
+    return (
+        f"ckpt_path=last: there is no {where} to resume. Resume a run in its own directory: "
+        f"`python train.py hydra.run.dir=RUN_DIR ckpt_path=last` (the overrides of the first run too), "
+        "or give a checkpoint file, or ckpt_path=auto (resume when there is one, else start fresh)"
+    )
+
+
+def _resume_errors(ckpt_path: str, cfg: DictConfig) -> list[str]:
+    """``ckpt_path=last`` or ``auto`` of one train.py run: the run dir's ``checkpoints/last.ckpt``, when it exists,
+    checked as a named checkpoint (:func:`_checkpoint_errors`); ``last`` with no such file (or with a new
+    timestamped run dir, ``${now:...}``, which cannot hold one) is an error. A run dir that only Hydra's runtime
+    can resolve (``${hydra...}``) is left to train.py."""
+    raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"])
+    if "${now:" in raw:
+        fresh = no_last_checkpoint(f"checkpoint in a new run dir (hydra.run.dir={raw!r})")
+        return [fresh] if ckpt_path == "last" else []
+    if "${hydra" in raw:
+        return []
+    try:
+        last = Path(str(cfg.hydra.run.dir)) / "checkpoints" / "last.ckpt"
+    except Exception:  # an interpolation only the run resolves: train.py checks
+        return []
+    if last.exists():
+        return _checkpoint_errors(last, cfg.model)
+    return [no_last_checkpoint(str(last))] if ckpt_path == "last" else []
 
 
 def _checkpoint_errors(path, model_cfg: DictConfig | None) -> list[str]:
@@ -228,9 +264,14 @@ def user_errors(run_dir: Path | None = None):
         raise
 
 
-def stop_nonfinite(exc: Exception, last_ckpt: Path) -> None:
+_PARENT_PID = os.getppid()  # a DDP rank that Lightning's launcher started: the launching process (rank 0 of the node)
+
+
+def stop_nonfinite(exc: Exception, last_ckpt: Path, trainer=None) -> None:
     """Stop after a non-finite training loss (``flowmatch.finite.NonFiniteLoss``) with one line naming the step,
-    the last finite loss and the checkpoint kept (exit status 1)."""
+    the last finite loss and the checkpoint kept (exit status 1). Under DDP every rank stops here with the same line;
+    ``trainer``: a rank that Lightning's launcher started waits for its launching process to exit first
+    (:func:`_outlive_launcher`)."""
     kept = "no checkpoint was written"
     if Path(last_ckpt).exists():
         try:
@@ -238,7 +279,28 @@ def stop_nonfinite(exc: Exception, last_ckpt: Path) -> None:
         except Exception:
             step = "?"
         kept = f"{last_ckpt} (step {step}) is kept"
-    fail(f"{exc}; stopped without evaluating; {kept}. Lower optimizer.lr or check the data", status=1)
+    try:
+        fail(f"{exc}; stopped without evaluating; {kept}. Lower optimizer.lr or check the data", status=1)
+    finally:
+        _outlive_launcher(trainer)
+
+
+def _outlive_launcher(trainer, timeout_s: float = 30.0) -> None:
+    """On a rank > 0 that Lightning's launcher started (``LightningEnvironment``: a child process of the node's
+    rank 0), wait until that process has exited (at most ``timeout_s``). Lightning's launcher kills itself and every
+    rank as soon as one of its children exits with a non-zero status, which would turn rank 0's clean exit status 1
+    into a SIGKILL; exiting after it keeps its status. Other launchers (SLURM, torchrun) start every rank
+    themselves: no wait."""
+    if trainer is None or trainer.local_rank == 0:
+        return
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    if type(getattr(trainer.strategy, "cluster_environment", None)) is not LightningEnvironment:
+        return
+    sys.stderr.flush()
+    deadline = time.monotonic() + timeout_s
+    while os.getppid() == _PARENT_PID and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def set_threads(threads) -> None:

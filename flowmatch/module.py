@@ -31,7 +31,8 @@ class FlowMatchingModule(L.LightningModule):
     parameters and ``state_dict`` keys stay those of ``model``). Off by default.
 
     A NaN or inf training loss raises :class:`flowmatch.finite.NonFiniteLoss` (every step on the CPU, at the
-    logging steps on an accelerator, and always before a checkpoint is written; ``flowmatch/finite.py``).
+    logging steps on an accelerator or under DDP, and always before a checkpoint is written and at the end of
+    training; under DDP on every rank at once: ``flowmatch/finite.py``).
     """
 
     def __init__(
@@ -120,6 +121,11 @@ class FlowMatchingModule(L.LightningModule):
         ``NonFiniteLoss``)."""
         self.loss_guard.check()
         self.loss_guard.check_weights(self.model.parameters(), self.global_step)
+
+    def on_train_end(self) -> None:
+        """Raise ``NonFiniteLoss`` for a non-finite loss recorded since the last check (lazy or DDP guard), so that
+        no evaluation runs on the weights it left."""
+        self.loss_guard.check()
 
     def _held_out_step(self, batch, prefix: str) -> None:
         x0, x1 = batch

@@ -57,7 +57,10 @@ def error(message: str) -> None:
     if _configured():
         log().error(f"error: {message}")
     else:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        # one write of the whole line: DDP ranks that stop together share stderr (print's separate newline can
+        # interleave their lines)
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
 
 
 def quiet(verbose: bool = False) -> None:

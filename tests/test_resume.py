@@ -85,10 +85,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_last_without_checkpoint_is_one_clear_error(tmp_path):
-    proc = run_entry("train.py", "debug=fast", "ckpt_path=last", f"hydra.run.dir={tmp_path}", check=False)
+    """Found before Hydra runs: the run dir is not created."""
+    run = tmp_path / "run"
+    proc = run_entry("train.py", "debug=fast", "ckpt_path=last", f"hydra.run.dir={run}", check=False)
     assert proc.returncode == 2
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert err[-1].startswith("error: ckpt_path=last: there is no") and "Traceback" not in proc.stderr
+    assert len(err) == 1 and not run.exists()
 
 
 def test_auto_starts_fresh_then_resumes(tmp_path):
