@@ -24,7 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flowmatch.checkpoints import CheckpointError, architecture_error, read_checkpoint
-from flowmatch.entry import build, fail, preflight, run_evaluation, set_threads, user_errors, write_json
+from flowmatch.entry import build, fail, run_evaluation, set_threads, user_errors, write_json
+from flowmatch.preflight import preflight
 from flowmatch.streams import generator
 from flowmatch.sweeps import exit_status, job_guard
 from flowmatch.terminal import quiet, say

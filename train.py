@@ -28,8 +28,6 @@ from flowmatch.entry import (
     fail,
     instantiate_all,
     is_sharded,
-    no_last_checkpoint,
-    preflight,
     run_evaluation,
     set_threads,
     sharded_error,
@@ -39,6 +37,7 @@ from flowmatch.entry import (
 )
 from flowmatch.finite import NonFiniteLoss
 from flowmatch.keys import metric
+from flowmatch.preflight import no_last_checkpoint, preflight
 from flowmatch.resume import ExactResume
 from flowmatch.terminal import quiet, say
 
@@ -106,7 +105,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         eval_options = instantiate(cfg.eval)
         module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         callbacks = instantiate_all(cfg.callbacks, "callbacks")
-        if sharded := sharded_error(cfg):  # also checked before the run (flowmatch.entry.run_errors)
+        if sharded := sharded_error(cfg):  # also checked before the run (flowmatch.preflight.run_errors)
             fail(sharded)
         if is_sharded(cfg) and eval_options.enabled:
             eval_options = dataclasses.replace(eval_options, enabled=False)

@@ -1,6 +1,6 @@
 """Sweeps that survive a bad job (``python train.py --multirun ...``), under every Hydra launcher.
 
-1. Before the first job starts, the preflight (``flowmatch.entry.preflight``) expands the sweep into its jobs
+1. Before the first job starts, the preflight (``flowmatch.preflight.preflight``) expands the sweep into its jobs
    (:func:`expand_jobs`) and checks each one; one message lists the invalid jobs (:func:`bad_jobs_message`) and
    nothing starts. It also tells every job how many jobs there are and which keys vary (environment variables read
    by ``flowmatch.terminal.job_tag``).

@@ -4,7 +4,7 @@ checks across keys, on the composed config.
 ``config_errors(cfg, reference, overrides)`` returns the problems of a composed ``train`` or ``evaluate`` config,
 each one line that names the key, the value and what is allowed, in the order: missing mandatory values (``???``),
 the types of the command line's value overrides (against the type of the value they replace), the rule tables,
-then checks across keys. ``preflight`` (``flowmatch/entry.py``) runs it before Hydra creates the run
+then checks across keys. ``preflight`` (``flowmatch/preflight.py``) runs it before Hydra creates the run
 directory, so a config error leaves nothing behind. The components' constructors check again (a notebook user
 builds them without Hydra); the tables make those checks happen before the run directory and name the key.
 """

@@ -193,7 +193,7 @@ def checkpoints(diverged, tmp_path_factory):
 )
 def test_bad_checkpoint_one_line_before_any_work(checkpoints, name, expected, tmp_path, capsys):
     """In process through preflight (what train.py and evaluate.py run before Hydra), both entry points."""
-    from flowmatch.entry import preflight
+    from flowmatch.preflight import preflight
 
     path = checkpoints[1] / name
     for entry in ("train", "evaluate"):
@@ -206,7 +206,7 @@ def test_bad_checkpoint_one_line_before_any_work(checkpoints, name, expected, tm
 
 
 def test_checkpoint_of_another_architecture(checkpoints, tmp_path, capsys):
-    from flowmatch.entry import preflight
+    from flowmatch.preflight import preflight
 
     good = checkpoints[0]
     preflight("train", [f"ckpt_path={good}", f"hydra.run.dir={tmp_path}"])  # the same architecture passes
@@ -218,7 +218,7 @@ def test_checkpoint_of_another_architecture(checkpoints, tmp_path, capsys):
 
 def _preflight_error(capsys, *args: str) -> str:
     """The one error line of train.py's preflight (exit status 2) for the command line ``args``."""
-    from flowmatch.entry import preflight
+    from flowmatch.preflight import preflight
 
     with pytest.raises(SystemExit) as info:
         preflight("train", list(args))
@@ -254,7 +254,7 @@ def test_resume_keywords_check_the_run_dirs_last_checkpoint_before_any_work(
 
 
 def test_resume_keywords_check_the_architecture_and_a_missing_last(checkpoints, tmp_path, capsys):
-    from flowmatch.entry import preflight
+    from flowmatch.preflight import preflight
 
     run = tmp_path / "run"
     line = _preflight_error(capsys, "ckpt_path=last", f"hydra.run.dir={run}")  # no checkpoint there

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 
-from flowmatch.entry import CONF_DIR, build, instantiate_all, preflight, user_errors
+from flowmatch.entry import build, instantiate_all, user_errors
+from flowmatch.preflight import CONF_DIR, preflight
 
 HAS_GPU = torch.cuda.is_available()
 BASE = ["callbacks=[gradvar,memorization]", "interpolant=cfm", "solver=euler"]
