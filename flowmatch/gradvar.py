@@ -271,37 +271,45 @@ def _probe_plan(cache: dict, t: Tensor, e: Tensor, chunk_size: int, device) -> P
 def _accumulate(engine, job: Job, out: BinSums, chunks, plan: ProbePlan) -> BinSums:
     """Run ``engine(job, chunk, sink)`` on every chunk: the engine adds the per-bin gradient sums (into
     ``out.grad_flat``) or their squared norms (``out.sum_sqnorm``; a bin cut into pieces sums its pieces first,
-    then takes the norm); the counts, losses and per-sample squared norms (total and per group) are added here."""
+    then takes the norm), and per-bin sums of ||g_i||^2 per parameter either itself (``sink.sq``) or as per-sample
+    values (``ChunkResult.sqnorms``, summed per bin here); counts and losses are added here, and at the end the
+    per-parameter sums of ||g_i||^2 are added up in total and per group."""
     layout, keep, dev = out.layout, out.grad_flat is not None, out.n.device
-    shapes = {n: p.shape for n, p in job.params.items()}
+    names, K = layout.names, out.n.shape[0]
+    col = {n: j for j, n in enumerate(names)}
+    per = torch.zeros(K, len(names), dtype=torch.float64, device=dev)  # per bin and parameter: sum ||g_i||^2
     blocks = out.blocks() if keep else {}
-    cols = {} if keep else dict(zip(layout.names, out.sum_sqnorm.unbind(1)))
-    group_idx = [[layout.names.index(m) for m in members] for _, members in layout.groups]
     tmp: dict = {}
     out.n.copy_(plan.n)
     for chunk in chunks:
         k0, Kc = chunk.k0, chunk.Kc
+        sq = per[k0 : k0 + Kc]
         if keep:
-            sink = Sink(True, {n: blocks[n][k0 : k0 + Kc].view(Kc, *shapes[n]) for n in layout.names})
+            shapes = {n: p.shape for n, p in job.params.items()}
+            sink = Sink(True, {n: blocks[n][k0 : k0 + Kc].view(Kc, *shapes[n]) for n in names}, sq, col)
         elif chunk.split:
+            shapes = {n: p.shape for n, p in job.params.items()}
             tmp = tmp or {n: torch.zeros(1, *s, dtype=torch.float64, device=dev) for n, s in shapes.items()}
-            sink = Sink(True, tmp)
+            sink = Sink(True, tmp, sq, col)
         else:
-            sink = Sink(False, {n: cols[n][k0 : k0 + Kc] for n in layout.names})
+            norms = out.sum_sqnorm[k0 : k0 + Kc]
+            sink = Sink(False, dict(zip(names, norms.unbind(1))), sq, col, norms)
         res = engine(job, chunk, sink)
         if chunk.split and chunk.last and not keep:
             for n, acc in tmp.items():
-                cols[n][k0] += acc.square().sum()
+                out.sum_sqnorm[k0, col[n]] += acc.square().sum()
                 acc.zero_()
-        zero = torch.zeros(len(chunk), dtype=torch.float64, device=dev)
-        sqs = [res.sqnorms.get(n, zero) for n in layout.names]
-        kb = chunk.kb if k0 == 0 else chunk.kb + k0
-        out.loss_sum.index_add_(0, kb, res.losses.detach().double())
-        out.sqnorm_sum.index_add_(0, kb, torch.stack(sqs).sum(0) if sqs else zero)
-        if group_idx:
-            out.group_sqnorm_sum.index_add_(
-                0, kb, torch.stack([sum((sqs[m] for m in ms), zero) for ms in group_idx], 1)
-            )
+        out.loss_sum[k0 : k0 + Kc].index_add_(0, chunk.kb, res.losses.detach().double())
+        if res.sqnorms:
+            got = list(res.sqnorms)
+            per_bin = sq.new_zeros(Kc, len(got)).index_add_(0, chunk.kb, torch.stack([res.sqnorms[n] for n in got], 1))
+            sq.index_add_(1, torch.tensor([col[n] for n in got], device=dev), per_bin)
+    out.sqnorm_sum.add_(per.sum(1))
+    if layout.groups:
+        member = torch.zeros(len(names), len(layout.groups), dtype=torch.float64, device=dev)
+        for g, (_, members) in enumerate(layout.groups):
+            member[[col[m] for m in members], g] = 1.0
+        out.group_sqnorm_sum.add_(per @ member)
     return out
 
 

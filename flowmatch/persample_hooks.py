@@ -14,6 +14,8 @@ backward, one batched float64 pass per layer shape. Violations of its assumption
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from functools import partial
 
 import torch
@@ -25,14 +27,12 @@ from flowmatch.binreduce import (
     add_materialised,
     bin_sum,
     bin_sum64,
-    fused_linear,
-    fusion_groups,
-    is_small_linear,
     linear_rows,
     sqnorm64,
     use_centred,
     vdot,
 )
+from flowmatch.binreduce_linear import blocks_for, fusion_groups, linear_stats, stack_factors
 from flowmatch.gradvar_plan import Chunk
 from flowmatch.persample import F64, ChunkResult, HooksUnsupported, Job, _check_losses, _sqnorm
 from flowmatch.persample_layers import CONV, conv_weight, graph_scan, hook_plan
@@ -96,6 +96,20 @@ def _linear(x: Tensor, d: Tensor, chunk: Chunk, targets: dict, dense: bool) -> d
     return res
 
 
+def is_row_linear(x: Tensor, d: Tensor) -> bool:
+    """A Linear layer applied once per sample (one row of input x and output gradient d per sample)."""
+    return x.numel() == x.shape[0] * x.shape[-1] and d.numel() == d.shape[0] * d.shape[-1]
+
+
+def _columns(plans: list[dict], col: dict, device) -> tuple[Tensor, Tensor]:
+    """For a stacked pass over layers with parameter maps ``plans`` ({attr: name}): which of the 2L results
+    (weight, bias of each layer, in that order) are trainable parameters, and their columns in ``col``."""
+    keep = [
+        (2 * j + a, col[p[attr]]) for j, p in enumerate(plans) for a, attr in enumerate(("weight", "bias")) if attr in p
+    ]
+    return torch.tensor([r for r, _ in keep], device=device), torch.tensor([c for _, c in keep], device=device)
+
+
 def _embedding(m: nn.Embedding, x: Tensor, d: Tensor, chunk: Chunk, target: Tensor, dense: bool) -> Tensor:
     """Embedding: per-sample float64 ||g_i||^2 (rows looked up several times add up; padding_idx rows get no
     gradient); the per-bin sums (scattered into (Kc, N, D)) go to ``target``."""
@@ -156,17 +170,19 @@ class HooksEngine:
         self.plan, self.verify = hook_plan(model, params), verify
         self._structure: tuple = (None, ())  # (set of called layers, the lowest of them) from the last scan
         self._ctx: tuple | None = None
-        self._small: list = []  # (layer, input, output gradient) of small Linear layers, for one fused pass
+        self._rows: list = []  # (layer, input, output gradient) of one-row-per-sample Linear layers
+        self._cols: dict = {}  # layers of a stacked pass -> (which of its 2L results exist, their columns)
 
     def _on_grad(self, m: nn.Module, rec: _Rec, delta: Tensor) -> None:
         """Tensor hook on a layer's output: turn (input, output gradient) into per-sample results at once, so
-        neither is kept alive longer than in an ordinary backward."""
+        neither is kept alive longer than in an ordinary backward (one-row-per-sample Linear layers, when only
+        squared norms are kept: held for one stacked pass after the backward)."""
         chunk, sink, sq, autocast = self._ctx
         names = self.plan[m]  # hooks run under the backward's grad mode (create_graph=False: no graph)
         x = rec.x.detach()
         rec.x = rec.out = None
-        if not sink.dense and isinstance(m, nn.Linear) and is_small_linear(x, delta, chunk.rows):
-            self._small.append((m, x, delta))  # processed together after the backward
+        if not sink.dense and isinstance(m, nn.Linear) and is_row_linear(x, delta):
+            self._rows.append((m, x.reshape(x.shape[0], -1), delta.reshape(x.shape[0], -1)))
             return
         targets = {a: sink.targets[n] for a, n in names.items()}
         if autocast:
@@ -176,23 +192,38 @@ class HooksEngine:
             got = _layer_grads(m, x, delta, chunk, targets, sink.dense)
         sq.update({names[a]: v for a, v in got.items()})
 
-    def _small_layers(self, chunk: Chunk, sink: Sink, sq: dict) -> None:
-        """The small Linear layers held back by :meth:`_on_grad`, in as few batched float64 passes as pay off
-        (:func:`~flowmatch.binreduce.fusion_groups`, :func:`~flowmatch.binreduce.fused_linear`)."""
-        items, self._small = self._small, []
+    def _row_layers(self, chunk: Chunk, sink: Sink) -> float:
+        """The Linear layers held back by :meth:`_on_grad`, stacked into as few :func:`linear_stats` passes as pay
+        off (:func:`~flowmatch.binreduce_linear.fusion_groups`); their per-bin sums of ||g_i||^2 go to ``sink.sq``
+        and the squared norms of their per-bin gradient sums to ``sink.norms``. Returns sample 0's ||g_0||^2 over
+        these layers when the engine still has to verify itself (else 0)."""
+        items, self._rows = self._rows, []
         if not items:
-            return
-        shapes = [(x.shape[-1], d.shape[-1]) for _, x, d in items]
-        for group in fusion_groups(shapes, chunk.rows.n_pad, len(chunk)):
-            sq_w, sq_b, w, bias = fused_linear([items[j][1:] for j in group], chunk.rows)
-            for r, j in enumerate(group):
-                names = self.plan[items[j][0]]
-                if "weight" in names:
-                    sink.targets[names["weight"]].add_(w[r])
-                    sq[names["weight"]] = sq_w[r]
-                if "bias" in names:
-                    sink.targets[names["bias"]].add_(bias[r])
-                    sq[names["bias"]] = sq_b[r]
+            return 0.0
+        blocks = blocks_for(chunk.rows)
+        shapes = [(x.shape[1], d.shape[1]) for _, x, d in items]
+        for group in fusion_groups(shapes, max(blk.n for blk in blocks), len(chunk)):
+            key = tuple(items[j][0] for j in group)
+            cols = self._cols.get(key)
+            if cols is None:
+                cols = self._cols[key] = _columns([self.plan[m] for m in key], sink.cols, sink.norms.device)
+            xs, ds = [items[j][1] for j in group], [items[j][2] for j in group]
+            dt = functools.reduce(torch.promote_types, [t.dtype for t in xs + ds], torch.float32)
+            for blk in blocks:
+                out = linear_stats(stack_factors(xs, blk, dt), stack_factors(ds, blk, dt), blk)  # (4, L, Kg)
+                for target, wb in ((sink.sq, out[0::2]), (sink.norms, out[1::2])):
+                    vals = wb.transpose(0, 1).reshape(-1, wb.shape[2]).index_select(0, cols[0])  # (2L, Kg) rows
+                    if blk.bins is None:
+                        target.index_add_(1, cols[1], vals.T)
+                    else:
+                        target.index_put_((blk.bins[:, None], cols[1][None, :]), vals.T, accumulate=True)
+        if not self.verify:
+            return 0.0
+        got = 0.0
+        for m, x, d in items:
+            dn, an = float(d[0].double().square().sum()), float(x[0].double().square().sum())
+            got += dn * an * ("weight" in self.plan[m]) + dn * ("bias" in self.plan[m])
+        return got
 
     def __call__(self, job: Job, chunk: Chunk, sink: Sink) -> ChunkResult:
         """Per-sample results of one chunk from one forward and one (truncated) backward pass."""
@@ -231,23 +262,25 @@ class HooksEngine:
         try:
             if inputs:
                 torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-            self._small_layers(chunk, sink, sq)
+            with torch.autocast(dev, enabled=False) if self._ctx[3] else contextlib.nullcontext():
+                row_sq0 = self._row_layers(chunk, sink)
         finally:
-            self._ctx, self._small = None, []
+            self._ctx, self._rows = None, []
         if self.verify:
             self.verify = False
-            self._check_first_sample(job, chunk, sq)
+            self._check_first_sample(job, chunk, sq, row_sq0)
         return ChunkResult(losses.detach(), sq)
 
     @staticmethod
-    def _check_first_sample(job: Job, chunk: Chunk, sq: dict) -> None:
-        """Raise HooksUnsupported unless the hooks' ||g_0||^2 matches a direct backward on sample 0 alone."""
+    def _check_first_sample(job: Job, chunk: Chunk, sq: dict, extra: float) -> None:
+        """Raise HooksUnsupported unless the hooks' ||g_0||^2 (``sq``'s per-sample values at sample 0, plus
+        ``extra`` from the stacked Linear layers) matches a direct backward on sample 0 alone."""
         gs = torch.autograd.grad(
             job.loss_fn(job.model, chunk.path[0:1]).sum(), list(job.params.values()), allow_unused=True
         )
         ref = sum(float(_sqnorm(g.reshape(1, -1))) for g in gs if g is not None)
         per = torch.stack(list(sq.values())) if sq else torch.zeros(1, len(chunk), dtype=F64)
-        got, scale = float(per[:, 0].sum()), float(per.mean(1).sum())
+        got, scale = float(per[:, 0].sum()) + extra, float(per.mean(1).sum()) + extra
         if abs(got - ref) > 1e-3 * max(abs(got), abs(ref)) + 1e-7 * scale:
             raise HooksUnsupported(
                 f"hooks ||g_0||^2 = {got:.6g} but a direct backward gives {ref:.6g} "

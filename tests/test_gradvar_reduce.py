@@ -12,7 +12,7 @@ from test_gradvar import TinyUNet, TokenMLP, VelocityMLP, cast, make_probe, naiv
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flowmatch import binreduce, persample_hooks
+from flowmatch import binreduce, binreduce_linear, persample_hooks
 from flowmatch.gradvar import bin_sums, gradient_variance, stratified_times
 from flowmatch.gradvar_memory import measure_pilot
 from flowmatch.gradvar_plan import pack_chunks, rows_layout
@@ -52,6 +52,14 @@ class WideMLP(nn.Module):
 
     def forward(self, x, t):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(torch.cat([x, t[:, None]], 1))))))
+
+
+def route_linear(monkeypatch, route):
+    """One-row-per-sample Linear layers without kept sums: the stacked pass (default), or layer by layer with
+    centred float32 ("centred") or float64 ("float64") products (the route of kept sums)."""
+    monkeypatch.setattr(binreduce, "CENTRED_MIN_MACS", 0 if route == "centred" else 2**62)
+    if route != "stacked":
+        monkeypatch.setattr(persample_hooks, "is_row_linear", lambda *a: False)
 
 
 def probe_times(kind, B, K, gen):
@@ -94,14 +102,12 @@ def check(sums, truth, edges, keep_sums, rtol=1e-6):
 
 
 @pytest.mark.parametrize("keep_sums", [False, True])
-@pytest.mark.parametrize("route", ["centred", "fused", "float64"])
+@pytest.mark.parametrize("route", ["centred", "stacked", "float64"])
 @pytest.mark.parametrize("times", ["random", "stratified"])
 def test_attention_unet_parts_in_float32(keep_sums, route, times, monkeypatch):
-    """A float32 net with the UNet's attention block and a wide Linear, every Linear route (centred float32
-    products, the fused float64 pass of small layers, float64 products layer by layer), against a float64 copy."""
-    monkeypatch.setattr(binreduce, "CENTRED_MIN_MACS", 0 if route == "centred" else 2**62)
-    if route == "float64":
-        monkeypatch.setattr(persample_hooks, "is_small_linear", lambda *a: False)
+    """A float32 net with the UNet's attention block and a wide Linear, every Linear route (the stacked pass of
+    centred factors, layer by layer centred float32 or float64 products), against a float64 copy."""
+    route_linear(monkeypatch, route)
     torch.manual_seed(3)
     gen = torch.Generator().manual_seed(4)
     for model, shape in ((ConvAttnNet(), (1, 8, 8)), (WideMLP(), (2,))):
@@ -113,11 +119,11 @@ def test_attention_unet_parts_in_float32(keep_sums, route, times, monkeypatch):
 
 
 @pytest.mark.parametrize("keep_sums", [False, True])
-@pytest.mark.parametrize("route", ["centred", "fused"])
+@pytest.mark.parametrize("route", ["centred", "stacked"])
 def test_centred_route_keeps_float64_accuracy_when_the_mean_gradient_dominates(keep_sums, route, monkeypatch):
     """The regime of test_float32_variance_is_accurate_when_the_mean_gradient_dominates (E||g||^2 / tr Cov ~ 1e6)
-    through the centred float32 products, layer by layer or fused: still within 1e-3 of the float64 truth."""
-    monkeypatch.setattr(binreduce, "CENTRED_MIN_MACS", 0 if route == "centred" else 2**62)
+    through the centred float32 products, layer by layer or stacked: still within 1e-3 of the float64 truth."""
+    route_linear(monkeypatch, route)
     torch.manual_seed(0)
     model = TokenMLP()
     with torch.no_grad():
@@ -146,9 +152,13 @@ class CountOps(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("model,shape", [(VelocityMLP(), (2,)), (WideMLP(), (2,)), (ConvAttnNet(), (1, 8, 8))])
-def test_work_does_not_grow_with_the_number_of_bins(model, shape):
+@pytest.mark.parametrize("stacked", ["plain", "centred"])
+def test_work_does_not_grow_with_the_number_of_bins(model, shape, stacked, monkeypatch):
     """Same probe size, K = 2 or 40 equal bins: the same number of tensor operations (one chunk, every per-bin
-    reduction batched over the bins), none of them a per-bin or per-sample Python loop."""
+    reduction batched over the bins), none of them a per-bin or per-sample Python loop; the stacked Linear pass
+    held on one of its two routes (which one runs depends on the data, S / V)."""
+    kappa = float("inf") if stacked == "plain" else 1.0 + 1e-9
+    monkeypatch.setattr(binreduce_linear, "KAPPA_MAX", {torch.float32: (kappa, kappa)})
     counts = {}
     for K in (2, 40):
         t = stratified_times(80 // K, K)
