@@ -39,15 +39,14 @@ CENTRED_MIN_MACS = 2**21  # layers below this many multiply-adds: one fused pass
 @dataclass(frozen=True)
 class Sink:
     """Where one chunk's per-bin results go (module docstring): ``dense`` sums or squared norms of sums, per
-    parameter name in ``targets``. ``sq`` (Kc, n_params) float64: the per-bin sums of ||g_i||^2 per parameter
-    (column ``cols[name]``), for engines that reduce them per bin themselves; ``norms`` (Kc, n_params): the
-    matrix whose columns the non-dense ``targets`` are (None when dense)."""
+    parameter name in ``targets``. ``stats`` (Kc, 2, n_params) float64: per bin and parameter (column
+    ``cols[name]``) the sum of ||g_i||^2 ([:, 0], for engines that sum them per bin themselves) and, when not
+    dense, the squared norm of the sum of g_i ([:, 1], whose columns the ``targets`` are)."""
 
     dense: bool
     targets: dict[str, Tensor]
-    sq: Tensor | None = None
-    cols: dict[str, int] | None = None
-    norms: Tensor | None = None
+    stats: Tensor
+    cols: dict[str, int]
 
 
 def vdot(x: Tensor, y: Tensor) -> Tensor:

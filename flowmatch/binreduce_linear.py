@@ -135,10 +135,11 @@ def _gram_form(n: int, Wo: int, Wi: int) -> bool:
     return 4 * n * (Wo + Wi) < 3 * Wo * Wi
 
 
-def plain_stats(A: Tensor, D: Tensor, blk: Blocks) -> Tensor:
+def plain_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None) -> Tensor:
     """(4, L, Kg) float64: weight S_w, ||sum g||^2, bias S_b, ||sum g||^2 per layer and bin, from products of the
     factors themselves (no centring: the rounding of every term is relative to S, so V = S - ||sum g||^2 / n is
-    accurate only while S / V is moderate; :func:`linear_stats` checks that)."""
+    accurate only while S / V is moderate; :func:`linear_stats` checks that). ``swap`` (L, 1) bool: layers whose
+    bias gradient is A's rows (input and output exchanged), None for none."""
     L, Kg, n, Wi = A.shape
     Wo = D.shape[3]
     dl, al = D.view(L * Kg, n, Wo), A.view(L * Kg, n, Wi)
@@ -146,15 +147,19 @@ def plain_stats(A: Tensor, D: Tensor, blk: Blocks) -> Tensor:
         Gd, Ga = torch.bmm(dl, dl.transpose(1, 2)), torch.bmm(al, al.transpose(1, 2))
         dn, an = Gd.diagonal(0, 1, 2), Ga.diagonal(0, 1, 2)
         M2, B2 = torch.linalg.vecdot(Gd.view(L * Kg, -1), Ga.view(L * Kg, -1)), Gd.sum((1, 2))
+        B2a = Ga.sum((1, 2)) if swap is not None else None
     else:
         dn, an = torch.linalg.vector_norm(dl, dim=2).square_(), torch.linalg.vector_norm(al, dim=2).square_()
-        M2 = torch.linalg.vector_norm(torch.bmm(dl.transpose(1, 2), al).view(L * Kg, -1), dim=1).square_()
-        sd = dl.sum(1)
-        B2 = torch.linalg.vecdot(sd, sd)
-    return torch.stack([torch.linalg.vecdot(dn, an), M2, dn.sum(1), B2]).to(F64).view(4, L, Kg)
+        M2 = torch.linalg.vector_norm(torch.bmm(al.transpose(1, 2), dl).view(L * Kg, -1), dim=1).square_()
+        sd, sa = dl.sum(1), (al.sum(1) if swap is not None else None)
+        B2, B2a = torch.linalg.vecdot(sd, sd), (torch.linalg.vecdot(sa, sa) if swap is not None else None)
+    out = torch.stack([torch.linalg.vecdot(dn, an), M2, dn.sum(1), B2]).to(F64).view(4, L, Kg)
+    if swap is not None:
+        out[2:] = torch.where(swap, torch.stack([an.sum(1), B2a]).to(F64).view(2, L, Kg), out[2:])
+    return out
 
 
-def centred_stats(A: Tensor, D: Tensor, blk: Blocks) -> Tensor:
+def centred_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None) -> Tensor:
     """(4, L, Kg) float64 as :func:`plain_stats`, from the bin-centred factors (module docstring): V keeps the
     factors' relative precision however much the mean gradient dominates."""
     L, Kg, n, Wi = A.shape
@@ -173,42 +178,56 @@ def centred_stats(A: Tensor, D: Tensor, blk: Blocks) -> Tensor:
         Gd, Ga = torch.bmm(dl, dl.transpose(1, 2)), torch.bmm(al, al.transpose(1, 2))
         M2 = torch.linalg.vecdot(Gd.view(L, Kg, -1), Ga.view(L, Kg, -1))
     else:
-        M2 = torch.linalg.vector_norm(torch.bmm(dl.transpose(1, 2), al).view(L, Kg, -1), dim=2).square_()
+        M2 = torch.linalg.vector_norm(torch.bmm(al.transpose(1, 2), dl).view(L, Kg, -1), dim=2).square_()
     cc, ee = torch.linalg.vecdot(c, c), torch.linalg.vecdot(ca, ca)
     S_w = torch.addcmul(T12, cc * cnt, ee).addcmul_(cc, T2).addcmul_(ee, T1)
     V_w = (T12 - 2 * PQ).addcmul_(cc, Y).addcmul_(ee, X).sub_(M2.to(F64) * inv_n[:, 0])
-    S_b = torch.addcmul(T1, cc, cnt)
-    return torch.stack([S_w, (S_w - V_w).mul_(cnt), S_b, (S_b - X).mul_(cnt)])
+    S_b, V_b = torch.addcmul(T1, cc, cnt), X
+    if swap is not None:
+        S_b, V_b = torch.where(swap, torch.addcmul(T2, ee, cnt), S_b), torch.where(swap, Y, X)
+    return torch.stack([S_w, (S_w - V_w).mul_(cnt), S_b, (S_b - V_b).mul_(cnt)])
 
 
-def linear_stats(A: Tensor, D: Tensor, blk: Blocks) -> Tensor:
+def linear_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None) -> Tensor:
     """(4, L, Kg) float64 per layer and bin: weight S_w = sum ||g_i||^2 and ||sum g_i||^2, then the same for the
     bias, from the stacked inputs A (L, Kg, n, Wi) and output gradients D (L, Kg, n, Wo): :func:`plain_stats`
     when every S / V (bins of >= 2 rows) is at most ``KAPPA_MAX[dtype]`` (grad_var then within ~1e-5 of exact
-    for float32 factors), else :func:`centred_stats`."""
-    out = plain_stats(A, D, blk)
+    for float32 factors), else :func:`centred_stats`. ``swap``: as :func:`plain_stats`."""
+    out = plain_stats(A, D, blk, swap)
     gram = _gram_form(A.shape[2], D.shape[3], A.shape[3])
     w = blk.limit.get((A.dtype, gram))
     if w is None:  # ||sum g||^2 w > S  <=>  S > kappa V, V = S - ||sum g||^2 / n, only for bins of >= 2 rows
         k = KAPPA_MAX.get(A.dtype, (1.0, 1.0))[0 if gram else 1]
         w = blk.limit[A.dtype, gram] = torch.where(blk.count > 1, k / (k - 1) / blk.count.clamp_min(1.0), 0.0)
     if bool((out[1::2] * w > out[0::2]).any()):
-        return centred_stats(A, D, blk)
+        return centred_stats(A, D, blk, swap)
     return out
 
 
-def fusion_groups(shapes: list[tuple[int, int]], n: int, b: int, slack: float = 2**22) -> list[list[int]]:
-    """Which layers (``shapes``: (i, o) each) share one :func:`linear_stats` pass: all of them, padded to the
-    widest, when that costs at most twice their own multiply-adds b min(n (o + i), o i) plus ``slack`` (a pass
-    costs a few dozen operations of fixed overhead), else one pass per distinct shape."""
+def fusion_groups(shapes: list[tuple[int, int]], n: int, b: int, slack: float = 2**22) -> list[tuple[list, list]]:
+    """The stacked passes over layers of (input, output) widths ``shapes``: (layer indices, swapped flags) each.
+    A layer is oriented with its narrower side as the input (``swapped``: input and output gradient exchanged;
+    ||sum d a^T|| = ||sum a d^T||, the bias then sits on the input side), layers of one oriented shape share a
+    pass, and a shape joins an earlier (costlier) pass when padding it to that pass's widths wastes at most
+    ``slack`` multiply-adds (about what a pass costs in fixed overhead); cost b min(n (o + i), o i) a layer."""
 
     def cost(i, o):
         return b * min(n * (o + i), o * i)
 
-    Wi, Wo = max(i for i, _ in shapes), max(o for _, o in shapes)
-    if len(shapes) * cost(Wi, Wo) <= 2 * sum(cost(i, o) for i, o in shapes) + slack:
-        return [list(range(len(shapes)))]
     by: dict = {}
-    for j, sh in enumerate(shapes):
-        by.setdefault(sh, []).append(j)
-    return list(by.values())
+    for j, (i, o) in enumerate(shapes):
+        by.setdefault((min(i, o), max(i, o)), []).append(j)
+    passes: list[list] = []  # [widths (Wi, Wo), members, cost of the members]
+    for sh, js in sorted(by.items(), key=lambda kv: -len(kv[1]) * cost(*kv[0])):
+        best = None
+        for ps in passes:
+            W = (max(ps[0][0], sh[0]), max(ps[0][1], sh[1]))
+            waste = (len(ps[1]) + len(js)) * cost(*W) - ps[2] - len(js) * cost(*sh)
+            if waste <= slack and (best is None or waste < best[0]):
+                best = (waste, ps, W)
+        if best is None:
+            passes.append([sh, list(js), len(js) * cost(*sh)])
+        else:
+            best[1][0], best[1][2] = best[2], best[1][2] + len(js) * cost(*sh)
+            best[1][1].extend(js)
+    return [(js, [shapes[j][0] > shapes[j][1] for j in js]) for _, js, _ in passes]

@@ -217,6 +217,7 @@ def bin_sums(
     dev = p0.device if p0 is not None else probe.t.device
     cache = _CACHE.setdefault(model, {})
     sig = (loss_fn, tuple((n, id(p), tuple(p.shape), p.dtype, p.device) for n, p in params.items()))
+    sig = (cache.setdefault(("layout", sig), object()),)  # a token: the cache keys below hash fast
     job = Job(model, loss_fn, params)
     with TrainModeGuard(model), torch.enable_grad():
         for i, name in enumerate(order):
@@ -227,7 +228,7 @@ def bin_sums(
                     cache, (name, *sig), mods, job, probe, K, chunk_size, memory_budget_mib, keep_sums
                 )
                 plan = _probe_plan(cache, probe.t, e, cs, dev)
-                path = probe if plan.order is None else probe[plan.order]
+                path = _sorted(cache, probe, plan)
                 one = len(plan.specs) == 1 and plan.specs[0].end == len(path)
                 chunks = (Chunk(path if one else path[s.start : s.end], s) for s in plan.specs)
                 out = _accumulate(engine, job, BinSums.zeros(e, layout, dev, name, keep_sums), chunks, plan)
@@ -268,32 +269,45 @@ def _probe_plan(cache: dict, t: Tensor, e: Tensor, chunk_size: int, device) -> P
     return plan
 
 
+def _sorted(cache: dict, probe: PathSample, plan: ProbePlan) -> PathSample:
+    """The probe sorted by bin (``plan.order``), kept while the probe holds the same, unmodified tensors."""
+    if plan.order is None:
+        return probe
+    now = [(getattr(probe, f.name), getattr(probe, f.name)._version) for f in fields(probe)]
+    got = cache.get("sorted")
+    if got is None or got[0] is not plan or any(a is not x or v != w for (a, v), (x, w) in zip(now, got[1])):
+        got = cache["sorted"] = (plan, now, probe[plan.order])  # holding the fields: their ids stay theirs
+    return got[2]
+
+
 def _accumulate(engine, job: Job, out: BinSums, chunks, plan: ProbePlan) -> BinSums:
     """Run ``engine(job, chunk, sink)`` on every chunk: the engine adds the per-bin gradient sums (into
     ``out.grad_flat``) or their squared norms (``out.sum_sqnorm``; a bin cut into pieces sums its pieces first,
-    then takes the norm), and per-bin sums of ||g_i||^2 per parameter either itself (``sink.sq``) or as per-sample
+    then takes the norm), and per-bin sums of ||g_i||^2 per parameter either itself (``sink.stats``) or as per-sample
     values (``ChunkResult.sqnorms``, summed per bin here); counts and losses are added here, and at the end the
     per-parameter sums of ||g_i||^2 are added up in total and per group."""
     layout, keep, dev = out.layout, out.grad_flat is not None, out.n.device
     names, K = layout.names, out.n.shape[0]
     col = {n: j for j, n in enumerate(names)}
-    per = torch.zeros(K, len(names), dtype=torch.float64, device=dev)  # per bin and parameter: sum ||g_i||^2
+    both = torch.zeros(K, 2, len(names), dtype=torch.float64, device=dev)  # per bin: sum ||g_i||^2, ||sum g_i||^2
+    per = both[:, 0]  # per bin and parameter
+    if not keep:
+        out.sum_sqnorm = both[:, 1]
     blocks = out.blocks() if keep else {}
     tmp: dict = {}
     out.n.copy_(plan.n)
     for chunk in chunks:
         k0, Kc = chunk.k0, chunk.Kc
-        sq = per[k0 : k0 + Kc]
-        if keep:
+        if keep or chunk.split:
             shapes = {n: p.shape for n, p in job.params.items()}
-            sink = Sink(True, {n: blocks[n][k0 : k0 + Kc].view(Kc, *shapes[n]) for n in names}, sq, col)
-        elif chunk.split:
-            shapes = {n: p.shape for n, p in job.params.items()}
-            tmp = tmp or {n: torch.zeros(1, *s, dtype=torch.float64, device=dev) for n, s in shapes.items()}
-            sink = Sink(True, tmp, sq, col)
+            if keep:
+                targets = {n: blocks[n][k0 : k0 + Kc].view(Kc, *shapes[n]) for n in names}
+            else:
+                tmp = tmp or {n: torch.zeros(1, *s, dtype=torch.float64, device=dev) for n, s in shapes.items()}
+                targets = tmp
+            sink = Sink(True, targets, both[k0 : k0 + Kc], col)
         else:
-            norms = out.sum_sqnorm[k0 : k0 + Kc]
-            sink = Sink(False, dict(zip(names, norms.unbind(1))), sq, col, norms)
+            sink = Sink(False, dict(zip(names, both[k0 : k0 + Kc, 1].unbind(1))), both[k0 : k0 + Kc], col)
         res = engine(job, chunk, sink)
         if chunk.split and chunk.last and not keep:
             for n, acc in tmp.items():
@@ -302,8 +316,8 @@ def _accumulate(engine, job: Job, out: BinSums, chunks, plan: ProbePlan) -> BinS
         out.loss_sum[k0 : k0 + Kc].index_add_(0, chunk.kb, res.losses.detach().double())
         if res.sqnorms:
             got = list(res.sqnorms)
-            per_bin = sq.new_zeros(Kc, len(got)).index_add_(0, chunk.kb, torch.stack([res.sqnorms[n] for n in got], 1))
-            sq.index_add_(1, torch.tensor([col[n] for n in got], device=dev), per_bin)
+            per_bin = per.new_zeros(Kc, len(got)).index_add_(0, chunk.kb, torch.stack([res.sqnorms[n] for n in got], 1))
+            per[k0 : k0 + Kc].index_add_(1, torch.tensor([col[n] for n in got], device=dev), per_bin)
     out.sqnorm_sum.add_(per.sum(1))
     if layout.groups:
         member = torch.zeros(len(names), len(layout.groups), dtype=torch.float64, device=dev)

@@ -15,7 +15,6 @@ backward, one batched float64 pass per layer shape. Violations of its assumption
 from __future__ import annotations
 
 import contextlib
-import functools
 from functools import partial
 
 import torch
@@ -101,15 +100,6 @@ def is_row_linear(x: Tensor, d: Tensor) -> bool:
     return x.numel() == x.shape[0] * x.shape[-1] and d.numel() == d.shape[0] * d.shape[-1]
 
 
-def _columns(plans: list[dict], col: dict, device) -> tuple[Tensor, Tensor]:
-    """For a stacked pass over layers with parameter maps ``plans`` ({attr: name}): which of the 2L results
-    (weight, bias of each layer, in that order) are trainable parameters, and their columns in ``col``."""
-    keep = [
-        (2 * j + a, col[p[attr]]) for j, p in enumerate(plans) for a, attr in enumerate(("weight", "bias")) if attr in p
-    ]
-    return torch.tensor([r for r, _ in keep], device=device), torch.tensor([c for _, c in keep], device=device)
-
-
 def _embedding(m: nn.Embedding, x: Tensor, d: Tensor, chunk: Chunk, target: Tensor, dense: bool) -> Tensor:
     """Embedding: per-sample float64 ||g_i||^2 (rows looked up several times add up; padding_idx rows get no
     gradient); the per-bin sums (scattered into (Kc, N, D)) go to ``target``."""
@@ -171,7 +161,7 @@ class HooksEngine:
         self._structure: tuple = (None, ())  # (set of called layers, the lowest of them) from the last scan
         self._ctx: tuple | None = None
         self._rows: list = []  # (layer, input, output gradient) of one-row-per-sample Linear layers
-        self._cols: dict = {}  # layers of a stacked pass -> (which of its 2L results exist, their columns)
+        self._passes: dict = {}  # held layers, their widths, rows per bin and chunk size -> the stacked passes
 
     def _on_grad(self, m: nn.Module, rec: _Rec, delta: Tensor) -> None:
         """Tensor hook on a layer's output: turn (input, output gradient) into per-sample results at once, so
@@ -194,29 +184,30 @@ class HooksEngine:
 
     def _row_layers(self, chunk: Chunk, sink: Sink) -> float:
         """The Linear layers held back by :meth:`_on_grad`, stacked into as few :func:`linear_stats` passes as pay
-        off (:func:`~flowmatch.binreduce_linear.fusion_groups`); their per-bin sums of ||g_i||^2 go to ``sink.sq``
-        and the squared norms of their per-bin gradient sums to ``sink.norms``. Returns sample 0's ||g_0||^2 over
-        these layers when the engine still has to verify itself (else 0)."""
+        off (:func:`~flowmatch.binreduce_linear.fusion_groups`); their per-bin sums of ||g_i||^2 and squared norms
+        of the per-bin gradient sums go to ``sink.stats``. Returns sample 0's ||g_0||^2 over these layers when the
+        engine still has to verify itself (else 0)."""
         items, self._rows = self._rows, []
         if not items:
             return 0.0
         blocks = blocks_for(chunk.rows)
-        shapes = [(x.shape[1], d.shape[1]) for _, x, d in items]
-        for group in fusion_groups(shapes, max(blk.n for blk in blocks), len(chunk)):
-            key = tuple(items[j][0] for j in group)
-            cols = self._cols.get(key)
-            if cols is None:
-                cols = self._cols[key] = _columns([self.plan[m] for m in key], sink.cols, sink.norms.device)
-            xs, ds = [items[j][1] for j in group], [items[j][2] for j in group]
-            dt = functools.reduce(torch.promote_types, [t.dtype for t in xs + ds], torch.float32)
+        n_max = max(blk.n for blk in blocks)
+        key = (tuple(m for m, _, _ in items), tuple(x.shape[1:] + d.shape[1:] for _, x, d in items), n_max, len(chunk))
+        passes = self._passes.get(key)
+        if passes is None:
+            passes = self._passes[key] = self._plan_passes(items, n_max, sink, len(chunk))
+        stats = sink.stats.view(sink.stats.shape[0], -1)  # (Kc, 2 n_params)
+        for group, swapped, swap, keep, cols in passes:
+            xs = [items[j][2 if s else 1] for j, s in zip(group, swapped)]  # the narrower side as the input
+            ds = [items[j][1 if s else 2] for j, s in zip(group, swapped)]
+            dt = torch.float64 if any(t.dtype == F64 for t in xs + ds) else torch.float32
             for blk in blocks:
-                out = linear_stats(stack_factors(xs, blk, dt), stack_factors(ds, blk, dt), blk)  # (4, L, Kg)
-                for target, wb in ((sink.sq, out[0::2]), (sink.norms, out[1::2])):
-                    vals = wb.transpose(0, 1).reshape(-1, wb.shape[2]).index_select(0, cols[0])  # (2L, Kg) rows
-                    if blk.bins is None:
-                        target.index_add_(1, cols[1], vals.T)
-                    else:
-                        target.index_put_((blk.bins[:, None], cols[1][None, :]), vals.T, accumulate=True)
+                out = linear_stats(stack_factors(xs, blk, dt), stack_factors(ds, blk, dt), blk, swap)  # (4, L, Kg)
+                vals = out.view(-1, out.shape[2]) if keep is None else out.view(-1, out.shape[2]).index_select(0, keep)
+                if blk.bins is None:
+                    stats.index_add_(1, cols, vals.T)
+                else:
+                    stats.index_put_((blk.bins[:, None], cols[None, :]), vals.T, accumulate=True)
         if not self.verify:
             return 0.0
         got = 0.0
@@ -224,6 +215,25 @@ class HooksEngine:
             dn, an = float(d[0].double().square().sum()), float(x[0].double().square().sum())
             got += dn * an * ("weight" in self.plan[m]) + dn * ("bias" in self.plan[m])
         return got
+
+    def _plan_passes(self, items: list, n: int, sink: Sink, b: int) -> list:
+        """Per stacked pass: layer indices, swapped flags (also as an (L, 1) tensor, None if none), which of its
+        (4, L) results are trainable parameters (None: all) and their columns in ``sink.stats`` viewed (Kc, 2 P)."""
+        shapes = [(x.shape[1], d.shape[1]) for _, x, d in items]
+        dev, P = sink.stats.device, sink.stats.shape[2]
+        out = []
+        for group, swapped in fusion_groups(shapes, n, b):
+            plans = [self.plan[items[j][0]] for j in group]
+            rows = [  # out (4, L, Kg) = S_w, ||sum g_w||^2, S_b, ||sum g_b||^2 per layer
+                (r * len(group) + j, P * (r % 2) + sink.cols[p[attr]])
+                for r, attr in enumerate(("weight", "weight", "bias", "bias"))
+                for j, p in enumerate(plans)
+                if attr in p
+            ]
+            keep = None if len(rows) == 4 * len(group) else torch.tensor([r for r, _ in rows], device=dev)
+            swap = torch.tensor(swapped, device=dev)[:, None] if any(swapped) else None
+            out.append((group, swapped, swap, keep, torch.tensor([c for _, c in rows], device=dev)))
+        return out
 
     def __call__(self, job: Job, chunk: Chunk, sink: Sink) -> ChunkResult:
         """Per-sample results of one chunk from one forward and one (truncated) backward pass."""
