@@ -17,10 +17,11 @@ With float32 (or bfloat16) factors the products run in float32 on factors centre
 (:func:`centred`: D_k^T A_k = n_k u_k v_k^T + M'_k with u_k, v_k the bin means in float64 and M'_k the
 float32 product of the deviations, whose rounding is relative to the spread of the samples, not to the mean
 gradient, so grad_var keeps float64 accuracy when the mean dominates; the per-sample ||d_i||^2 ||a_i||^2 accumulate
-in float64). Layers below ``CENTRED_MIN_MACS`` multiply-adds are reduced together after the backward
-(:func:`fused_linear`: all of them in one batched pass when padding them to common widths is cheap,
-:func:`fusion_groups`). Everything else (biases over positions, S > 1 positions, convolutions, norms, embeddings)
-goes through per-sample gradients ``g`` (b, F), reduced with float64 accumulators by :func:`add_materialised`.
+in float64); layers below ``CENTRED_MIN_MACS`` multiply-adds use float64 products. This is the route of Linear
+layers when the per-bin sums themselves are kept (dense sinks) or over S > 1 positions; with squared norms only,
+Linear layers applied once per sample go to the stacked passes of :mod:`flowmatch.binreduce_linear`. Everything
+else (biases over positions, S > 1 positions, convolutions, norms, embeddings) goes through per-sample gradients
+``g`` (b, F), reduced with float64 accumulators by :func:`add_materialised`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import Tensor
 from flowmatch.gradvar_plan import Rows
 
 F64 = torch.float64
-CENTRED_MIN_MACS = 2**21  # layers below this many multiply-adds: one fused pass after the backward (fixed costs)
+CENTRED_MIN_MACS = 2**21  # layers below this many multiply-adds: float64 products (centring costs more there)
 
 
 @dataclass(frozen=True)

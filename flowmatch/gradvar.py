@@ -18,9 +18,11 @@ exactly (one all-reduce SUM of :meth:`BinSums.as_tensor`); in one process (``kee
 replaced by ||sum g_i||^2 per bin and parameter, all the statistics need, with no K x P memory traffic. Per
 parameter group the same formulas hold with g_i restricted to the group's parameters. Per-sample gradients are
 exact (:mod:`flowmatch.persample`), reduced for all bins of a chunk at once (:mod:`flowmatch.binreduce`: cost
-independent of K); every sum and squared norm is float64 whatever the model's dtype (or formed from centred
-factors whose float32 rounding is relative to the spread), because grad_var_k cancels the two terms of its
-numerator E||g||^2 / tr Cov-fold (about 1e6 when the mean gradient is 1000 times the per-sample spread).
+independent of K; :mod:`flowmatch.binreduce_linear` for Linear layers applied once per sample when only squared
+norms are kept); every sum and squared norm is float64 whatever the model's dtype (or formed from centred factors
+whose float32 rounding is relative to the spread, or from plain float32 products only while S / V is small enough
+for them), because grad_var_k cancels the two terms of its numerator E||g||^2 / tr Cov-fold (about 1e6 when the
+mean gradient is 1000 times the per-sample spread).
 """
 
 from __future__ import annotations

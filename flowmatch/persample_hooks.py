@@ -7,8 +7,9 @@ the weight gradient of a convolution with ``groups = b * groups`` (samples side 
 LayerNorm/GroupNorm ``g_gamma = sum delta * xhat``, ``g_beta = sum delta``, Embedding by scattering delta into the
 looked-up rows (:mod:`flowmatch.persample_layers`: which layers qualify, the graph check, the convolution rule).
 Each layer's per-bin sums (or their squared norms) are formed for all bins at once as the backward reaches it
-(:mod:`flowmatch.binreduce`); small one-row-per-sample Linear layers are held back and reduced together after the
-backward, one batched float64 pass per layer shape. Violations of its assumptions raise
+(:mod:`flowmatch.binreduce`); when only the squared norms of the per-bin sums are kept, Linear layers applied once
+per sample are held back and reduced together after the backward, a few stacked passes for all of them
+(:mod:`flowmatch.binreduce_linear`). Violations of its assumptions raise
 :class:`~flowmatch.persample.HooksUnsupported`.
 """
 
