@@ -36,7 +36,7 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
-from flowmatch.binreduce import Sink
+from flowmatch.gradvar_accumulate import accumulate, sorted_probe
 from flowmatch.gradvar_memory import chunk_size_for
 from flowmatch.gradvar_plan import Chunk, ProbePlan, plan_probe
 from flowmatch.gradvar_stats import BinSums, GradVarStats, Layout
@@ -230,10 +230,10 @@ def bin_sums(
                     cache, (name, *sig), mods, job, probe, K, chunk_size, memory_budget_mib, keep_sums
                 )
                 plan = _probe_plan(cache, probe.t, e, cs, dev)
-                path = _sorted(cache, probe, plan)
+                path = sorted_probe(cache, probe, plan)
                 one = len(plan.specs) == 1 and plan.specs[0].end == len(path)
                 chunks = (Chunk(path if one else path[s.start : s.end], s) for s in plan.specs)
-                out = _accumulate(engine, job, BinSums.zeros(e, layout, dev, name, keep_sums), chunks, plan)
+                out = accumulate(engine, job, BinSums.zeros(e, layout, dev, name, keep_sums), chunks, plan)
                 out.info = {"engine": name, "chunk_size": cs, "chunk_size_setting": chunk_size}
                 out.info.update(n_chunks=len(plan.specs), keep_sums=keep_sums, device=str(dev), **est)
                 amp = dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)
@@ -269,64 +269,6 @@ def _probe_plan(cache: dict, t: Tensor, e: Tensor, chunk_size: int, device) -> P
     if plan is None or plan.t.shape != t.shape or plan.t.dtype != t.dtype or not torch.equal(plan.t, t):
         plan = cache[key] = plan_probe(t, bin_index(t, e), e.numel() - 1, chunk_size, device)
     return plan
-
-
-def _sorted(cache: dict, probe: PathSample, plan: ProbePlan) -> PathSample:
-    """The probe sorted by bin (``plan.order``), kept while the probe holds the same, unmodified tensors."""
-    if plan.order is None:
-        return probe
-    now = [(getattr(probe, f.name), getattr(probe, f.name)._version) for f in fields(probe)]
-    got = cache.get("sorted")
-    if got is None or got[0] is not plan or any(a is not x or v != w for (a, v), (x, w) in zip(now, got[1])):
-        got = cache["sorted"] = (plan, now, probe[plan.order])  # holding the fields: their ids stay theirs
-    return got[2]
-
-
-def _accumulate(engine, job: Job, out: BinSums, chunks, plan: ProbePlan) -> BinSums:
-    """Run ``engine(job, chunk, sink)`` on every chunk: the engine adds the per-bin gradient sums (into
-    ``out.grad_flat``) or their squared norms (``out.sum_sqnorm``; a bin cut into pieces sums its pieces first,
-    then takes the norm), and per-bin sums of ||g_i||^2 per parameter either itself (``sink.stats``) or as per-sample
-    values (``ChunkResult.sqnorms``, summed per bin here); counts and losses are added here, and at the end the
-    per-parameter sums of ||g_i||^2 are added up in total and per group."""
-    layout, keep, dev = out.layout, out.grad_flat is not None, out.n.device
-    names, K = layout.names, out.n.shape[0]
-    col = {n: j for j, n in enumerate(names)}
-    both = torch.zeros(K, 2, len(names), dtype=torch.float64, device=dev)  # per bin: sum ||g_i||^2, ||sum g_i||^2
-    per = both[:, 0]  # per bin and parameter
-    if not keep:
-        out.sum_sqnorm = both[:, 1]
-    blocks = out.blocks() if keep else {}
-    tmp: dict = {}
-    out.n.copy_(plan.n)
-    for chunk in chunks:
-        k0, Kc = chunk.k0, chunk.Kc
-        if keep or chunk.split:
-            shapes = {n: p.shape for n, p in job.params.items()}
-            if keep:
-                targets = {n: blocks[n][k0 : k0 + Kc].view(Kc, *shapes[n]) for n in names}
-            else:
-                tmp = tmp or {n: torch.zeros(1, *s, dtype=torch.float64, device=dev) for n, s in shapes.items()}
-                targets = tmp
-            sink = Sink(True, targets, both[k0 : k0 + Kc], col)
-        else:
-            sink = Sink(False, dict(zip(names, both[k0 : k0 + Kc, 1].unbind(1))), both[k0 : k0 + Kc], col)
-        res = engine(job, chunk, sink)
-        if chunk.split and chunk.last and not keep:
-            for n, acc in tmp.items():
-                out.sum_sqnorm[k0, col[n]] += acc.square().sum()
-                acc.zero_()
-        out.loss_sum[k0 : k0 + Kc].index_add_(0, chunk.kb, res.losses.detach().double())
-        if res.sqnorms:
-            got = list(res.sqnorms)
-            per_bin = per.new_zeros(Kc, len(got)).index_add_(0, chunk.kb, torch.stack([res.sqnorms[n] for n in got], 1))
-            per[k0 : k0 + Kc].index_add_(1, torch.tensor([col[n] for n in got], device=dev), per_bin)
-    out.sqnorm_sum.add_(per.sum(1))
-    if layout.groups:
-        member = torch.zeros(len(names), len(layout.groups), dtype=torch.float64, device=dev)
-        for g, (_, members) in enumerate(layout.groups):
-            member[[col[m] for m in members], g] = 1.0
-        out.group_sqnorm_sum.add_(per @ member)
-    return out
 
 
 def gradient_variance(model: nn.Module, probe: PathSample, edges, **kw) -> GradVarStats:
