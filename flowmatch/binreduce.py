@@ -17,33 +17,37 @@ With float32 (or bfloat16) factors the products run in float32 on factors centre
 (:func:`centred`: D_k^T A_k = n_k u_k v_k^T + M'_k with u_k, v_k the bin means in float64 and M'_k the
 float32 product of the deviations, whose rounding is relative to the spread of the samples, not to the mean
 gradient, so grad_var keeps float64 accuracy when the mean dominates; the per-sample ||d_i||^2 ||a_i||^2 accumulate
-in float64). Layers below ``CENTRED_MIN_MACS`` multiply-adds are reduced together after the backward
-(:func:`fused_linear`: all of them in one batched pass when padding them to common widths is cheap,
-:func:`fusion_groups`). Everything else (biases over positions, S > 1 positions, convolutions, norms, embeddings)
-goes through per-sample gradients ``g`` (b, F), reduced with float64 accumulators by :func:`add_materialised`.
+in float64); layers below ``CENTRED_MIN_MACS`` multiply-adds use float64 products. This is the route of Linear
+layers when the per-bin sums themselves are kept (dense sinks) or over S > 1 positions; with squared norms only,
+Linear layers applied once per sample go to the stacked passes of :mod:`flowmatch.binreduce_linear`. Everything
+else (biases over positions, S > 1 positions, convolutions, norms, embeddings) goes through per-sample gradients
+``g`` (b, F), reduced with float64 accumulators by :func:`add_materialised`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from flowmatch.gradvar_plan import Rows, repeat
+from flowmatch.gradvar_plan import Rows
 
 F64 = torch.float64
-CENTRED_MIN_MACS = 2**21  # layers below this many multiply-adds: one fused pass after the backward (fixed costs)
+CENTRED_MIN_MACS = 2**21  # layers below this many multiply-adds: float64 products (centring costs more there)
 
 
 @dataclass(frozen=True)
 class Sink:
-    """Where one chunk's per-bin results go (module docstring): ``dense`` sums or squared norms of sums."""
+    """Where one chunk's per-bin results go (module docstring): ``dense`` sums or squared norms of sums, per
+    parameter name in ``targets``. ``stats`` (Kc, 2, n_params) float64: per bin and parameter (column
+    ``cols[name]``) the sum of ||g_i||^2 ([:, 0], for engines that sum them per bin themselves) and, when not
+    dense, the squared norm of the sum of g_i ([:, 1], whose columns the ``targets`` are)."""
 
     dense: bool
     targets: dict[str, Tensor]
+    stats: Tensor
+    cols: dict[str, int]
 
 
 def vdot(x: Tensor, y: Tensor) -> Tensor:
@@ -201,56 +205,3 @@ def use_centred(a: Tensor, rows: Rows, o: int) -> bool:
     """Centred float32 products pay off for float32/bfloat16 factors with >= ``CENTRED_MIN_MACS`` multiply-adds."""
     i = a.shape[1]
     return a.dtype != F64 and a.shape[0] * min(rows.n_pad * (o + i), o * i) >= CENTRED_MIN_MACS
-
-
-def is_small_linear(x: Tensor, d: Tensor, rows: Rows) -> bool:
-    """A one-row-per-sample Linear layer whose float64 products cost less than ``CENTRED_MIN_MACS``: its
-    statistics are cheapest in one batched pass with the chunk's other small layers (:func:`fused_linear`)."""
-    b, i, o = x.shape[0], x.shape[-1], d.shape[-1]
-    return x.numel() == b * i and d.numel() == b * o and b * min(rows.n_pad * (o + i), o * i) < CENTRED_MIN_MACS
-
-
-def fused_linear(items: list[tuple[Tensor, Tensor]], rows: Rows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Small one-row-per-sample Linear layers l = 0..L-1 (``items``: input a_l (b, i_l), output gradient d_l
-    (b, o_l)) in one pass, their factors zero-padded to common widths (padding changes no dot product): per-sample
-    ||d_l||^2 ||a_l||^2 and ||d_l||^2 (L, b) (weight and bias, float64 accumulators), and per bin
-    ||sum d_l a_l^T||^2 and ||sum d_l||^2 (L, Kc): :func:`centred` on float32 factors (float64 factors:
-    :func:`_outer_sqnorm`), all layers and bins of a block in one batched product."""
-    L, b = len(items), items[0][0].shape[0]
-    Wi, Wo = max(a.shape[-1] for a, _ in items), max(d.shape[-1] for _, d in items)
-    dt = functools.reduce(torch.promote_types, [t.dtype for item in items for t in item], torch.float32)
-    A, D = items[0][0].new_zeros(L, b, Wi, dtype=dt), items[0][0].new_zeros(L, b, Wo, dtype=dt)
-    for j, (a, d) in enumerate(items):
-        A[j, :, : a.shape[-1]] = a.reshape(b, -1)
-        D[j, :, : d.shape[-1]] = d.reshape(b, -1)
-    dn = torch.linalg.vector_norm(D, dim=2, dtype=F64).square()
-    an = torch.linalg.vector_norm(A, dim=2, dtype=F64).square()
-    if dt == F64:
-        Kc, w, bias = rows.count.shape[0], None, None
-        for g in rows.groups:
-            Dg = D.view(-1, g.n, Wo) if g.index is None else F.pad(D, (0, 0, 0, 1)).index_select(1, g.index)
-            Ag = A.view(-1, g.n, Wi) if g.index is None else F.pad(A, (0, 0, 0, 1)).index_select(1, g.index)
-            Dg, Ag = Dg.reshape(-1, g.n, Wo), Ag.reshape(-1, g.n, Wi)
-            s = Dg.sum(1)
-            wv, bv = _outer_sqnorm(Dg, Ag).view(L, -1).T, vdot(s, s).view(L, -1).T  # (Kg, L)
-            w, bias = _scatter(w, g, wv, Kc), _scatter(bias, g, bv, Kc)
-        return dn * an, dn, w.T, bias.T
-    wv, s = centred(D.view(L * b, Wo), A.view(L * b, Wi), repeat(rows, L), False)  # layer l: bins l Kc + k
-    return dn * an, dn, wv.view(L, -1), vdot(s, s).view(L, -1)
-
-
-def fusion_groups(shapes: list[tuple[int, int]], n: int, b: int) -> list[list[int]]:
-    """Which small layers (``shapes``: (i, o) each) share one :func:`fused_linear` pass: all of them, padded to
-    the widest, when that at most doubles the multiply-adds b min(n (o + i), o i) (plus 2^18: a pass costs more
-    in fixed overhead than that many), else one pass per distinct shape."""
-
-    def cost(i, o):
-        return b * min(n * (o + i), o * i)
-
-    Wi, Wo = max(i for i, _ in shapes), max(o for _, o in shapes)
-    if len(shapes) * cost(Wi, Wo) <= 2 * sum(cost(i, o) for i, o in shapes) + 2**18:
-        return [list(range(len(shapes)))]
-    by: dict = {}
-    for j, sh in enumerate(shapes):
-        by.setdefault(sh, []).append(j)
-    return list(by.values())

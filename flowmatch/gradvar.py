@@ -18,9 +18,11 @@ exactly (one all-reduce SUM of :meth:`BinSums.as_tensor`); in one process (``kee
 replaced by ||sum g_i||^2 per bin and parameter, all the statistics need, with no K x P memory traffic. Per
 parameter group the same formulas hold with g_i restricted to the group's parameters. Per-sample gradients are
 exact (:mod:`flowmatch.persample`), reduced for all bins of a chunk at once (:mod:`flowmatch.binreduce`: cost
-independent of K); every sum and squared norm is float64 whatever the model's dtype (or formed from centred
-factors whose float32 rounding is relative to the spread), because grad_var_k cancels the two terms of its
-numerator E||g||^2 / tr Cov-fold (about 1e6 when the mean gradient is 1000 times the per-sample spread).
+independent of K; :mod:`flowmatch.binreduce_linear` for Linear layers applied once per sample when only squared
+norms are kept); every sum and squared norm is float64 whatever the model's dtype (or formed from centred factors
+whose float32 rounding is relative to the spread, or from plain float32 products only while S / V is small enough
+for them), because grad_var_k cancels the two terms of its numerator E||g||^2 / tr Cov-fold (about 1e6 when the
+mean gradient is 1000 times the per-sample spread).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
-from flowmatch.binreduce import Sink
+from flowmatch.gradvar_accumulate import accumulate, sorted_probe
 from flowmatch.gradvar_memory import chunk_size_for
 from flowmatch.gradvar_plan import Chunk, ProbePlan, plan_probe
 from flowmatch.gradvar_stats import BinSums, GradVarStats, Layout
@@ -217,6 +219,7 @@ def bin_sums(
     dev = p0.device if p0 is not None else probe.t.device
     cache = _CACHE.setdefault(model, {})
     sig = (loss_fn, tuple((n, id(p), tuple(p.shape), p.dtype, p.device) for n, p in params.items()))
+    sig = (cache.setdefault(("layout", sig), object()),)  # a token: the cache keys below hash fast
     job = Job(model, loss_fn, params)
     with TrainModeGuard(model), torch.enable_grad():
         for i, name in enumerate(order):
@@ -227,10 +230,10 @@ def bin_sums(
                     cache, (name, *sig), mods, job, probe, K, chunk_size, memory_budget_mib, keep_sums
                 )
                 plan = _probe_plan(cache, probe.t, e, cs, dev)
-                path = probe if plan.order is None else probe[plan.order]
+                path = sorted_probe(cache, probe, plan)
                 one = len(plan.specs) == 1 and plan.specs[0].end == len(path)
                 chunks = (Chunk(path if one else path[s.start : s.end], s) for s in plan.specs)
-                out = _accumulate(engine, job, BinSums.zeros(e, layout, dev, name, keep_sums), chunks, plan)
+                out = accumulate(engine, job, BinSums.zeros(e, layout, dev, name, keep_sums), chunks, plan)
                 out.info = {"engine": name, "chunk_size": cs, "chunk_size_setting": chunk_size}
                 out.info.update(n_chunks=len(plan.specs), keep_sums=keep_sums, device=str(dev), **est)
                 amp = dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)
@@ -266,43 +269,6 @@ def _probe_plan(cache: dict, t: Tensor, e: Tensor, chunk_size: int, device) -> P
     if plan is None or plan.t.shape != t.shape or plan.t.dtype != t.dtype or not torch.equal(plan.t, t):
         plan = cache[key] = plan_probe(t, bin_index(t, e), e.numel() - 1, chunk_size, device)
     return plan
-
-
-def _accumulate(engine, job: Job, out: BinSums, chunks, plan: ProbePlan) -> BinSums:
-    """Run ``engine(job, chunk, sink)`` on every chunk: the engine adds the per-bin gradient sums (into
-    ``out.grad_flat``) or their squared norms (``out.sum_sqnorm``; a bin cut into pieces sums its pieces first,
-    then takes the norm); the counts, losses and per-sample squared norms (total and per group) are added here."""
-    layout, keep, dev = out.layout, out.grad_flat is not None, out.n.device
-    shapes = {n: p.shape for n, p in job.params.items()}
-    blocks = out.blocks() if keep else {}
-    cols = {} if keep else dict(zip(layout.names, out.sum_sqnorm.unbind(1)))
-    group_idx = [[layout.names.index(m) for m in members] for _, members in layout.groups]
-    tmp: dict = {}
-    out.n.copy_(plan.n)
-    for chunk in chunks:
-        k0, Kc = chunk.k0, chunk.Kc
-        if keep:
-            sink = Sink(True, {n: blocks[n][k0 : k0 + Kc].view(Kc, *shapes[n]) for n in layout.names})
-        elif chunk.split:
-            tmp = tmp or {n: torch.zeros(1, *s, dtype=torch.float64, device=dev) for n, s in shapes.items()}
-            sink = Sink(True, tmp)
-        else:
-            sink = Sink(False, {n: cols[n][k0 : k0 + Kc] for n in layout.names})
-        res = engine(job, chunk, sink)
-        if chunk.split and chunk.last and not keep:
-            for n, acc in tmp.items():
-                cols[n][k0] += acc.square().sum()
-                acc.zero_()
-        zero = torch.zeros(len(chunk), dtype=torch.float64, device=dev)
-        sqs = [res.sqnorms.get(n, zero) for n in layout.names]
-        kb = chunk.kb if k0 == 0 else chunk.kb + k0
-        out.loss_sum.index_add_(0, kb, res.losses.detach().double())
-        out.sqnorm_sum.index_add_(0, kb, torch.stack(sqs).sum(0) if sqs else zero)
-        if group_idx:
-            out.group_sqnorm_sum.index_add_(
-                0, kb, torch.stack([sum((sqs[m] for m in ms), zero) for ms in group_idx], 1)
-            )
-    return out
 
 
 def gradient_variance(model: nn.Module, probe: PathSample, edges, **kw) -> GradVarStats:

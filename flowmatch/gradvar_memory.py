@@ -6,7 +6,8 @@ Estimate for a chunk of c samples: fixed + c * per_sample bytes, where
     per_sample = 2 * a + w      a = bytes autograd saves in a forward, per sample (measured on 1 and 2 probe samples:
                                 the difference, so the parameters' share cancels); 2 a: the activations and, during
                                 the backward, their gradients; w = the engine's working memory per sample (hooks:
-                                the largest per-layer transient, :func:`transient_bytes`; vmap: 12 bytes a parameter)
+                                the largest per-layer transient plus the stacked Linear pass, :func:`transient_bytes`;
+                                vmap: 12 bytes a parameter)
     fixed      = (forward of 1 sample) - a + 8 P     (one bin's running float64 sum, for a bin cut into pieces)
 
 (loop: per_sample = 0, one sample at a time whatever the chunk). The chunk is the largest c <= B that fits
@@ -122,14 +123,20 @@ def measure_pilot(model: nn.Module, loss_fn, path: PathSample, modules) -> tuple
 
 
 def transient_bytes(sizes: dict, b: int) -> int:
-    """Largest per-sample working memory of the hooks engine's layer rules, from the (input, output) numels of
-    ``b`` samples per layer: float64 copies, centred factors and gathers of input and output gradient (24 bytes an
-    element), plus float32 and float64 per-sample weight gradients of convolutions (12 bytes a weight)."""
-    out = 0
+    """Per-sample working memory of the hooks engine's layer rules, from the (input, output) numels of ``b``
+    samples per layer: the largest of the per-layer transients (float64 copies, centred factors and gathers of
+    input and output gradient, 24 bytes an element, plus float32 and float64 per-sample weight gradients of
+    convolutions, 12 bytes a weight), plus, for Linear layers applied once per sample, what the stacked pass holds
+    for all of them at once (:mod:`flowmatch.binreduce_linear`: output gradients, stacked and padded factors,
+    their deviations: 48 bytes an input or output element)."""
+    out, rows = 0, 0
     for m, (x, o) in sizes.items():
+        if isinstance(m, nn.Linear) and x == b * m.in_features:
+            rows += (48 * (x + o)) // max(b, 1)
+            continue
         w = m.weight.numel() if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.weight is not None else 0
         out = max(out, (24 * (x + o)) // max(b, 1) + 12 * w)
-    return out
+    return out + rows
 
 
 _HOST_HEAP = {"done": False}

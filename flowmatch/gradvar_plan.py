@@ -18,7 +18,7 @@ from torch import Tensor
 
 from flowmatch.interpolants import PathSample
 
-__all__ = ["Group", "Rows", "ChunkSpec", "Chunk", "ProbePlan", "rows_layout", "repeat", "pack_chunks", "plan_probe"]
+__all__ = ["Group", "Rows", "ChunkSpec", "Chunk", "ProbePlan", "rows_layout", "pack_chunks", "plan_probe"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Rows:
     rb: Tensor
     count: Tensor
     groups: tuple[Group, ...]
-    repeats: dict = field(default_factory=dict, compare=False, repr=False)  # cache of :func:`repeat`
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # layouts derived from these rows
 
     @property
     def n_pad(self) -> int:
@@ -51,15 +51,6 @@ class Rows:
         if g.index is None:
             return x.view(-1, g.n, x.shape[1])
         return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, g.index).view(-1, g.n, x.shape[1])
-
-
-def repeat(rows: Rows, L: int) -> Rows:
-    """The layout of L copies of ``rows`` one after the other (copy l's bin k is bin l Kc + k), cached on rows."""
-    if L == 1:
-        return rows
-    if L not in rows.repeats:
-        rows.repeats[L] = rows_layout(rows.count.round().long().tolist() * L, 1, rows.rb.device)
-    return rows.repeats[L]
 
 
 def rows_layout(counts: list[int], S: int, device) -> Rows:

@@ -6,9 +6,11 @@ bin (whole bins, or a piece of one), :class:`~flowmatch.binreduce.Sink` where it
 parameter name either ``sink.targets[name][k] += sum_{i in chunk, bin k} g_i`` (dense) or
 ``sink.targets[name][k] += ||sum_{i in chunk, bin k} g_i||^2`` (g_i = d l_i / d theta, the gradient of
 ``loss_fn(model, chunk.path[i:i+1])``), all bins in one batched reduction (:mod:`flowmatch.binreduce`). It returns
-the losses and per-sample ||g_i||^2. Sums and squared norms are float64 whatever the model's dtype (or, for large
-Linear layers, products of bin-centred factors whose rounding is relative to the spread, not the mean), since
-(sum ||g_i||^2 - n ||gbar||^2) / (n - 1) cancels E||g||^2 / tr Cov-fold.
+the losses and per-sample ||g_i||^2 (or adds per-bin sums of ||g_i||^2 per parameter into ``sink.stats`` itself,
+as the hooks engine does for its stacked Linear layers). Sums and squared norms are float64 whatever the model's
+dtype (or, for Linear layers, products of bin-centred factors whose rounding is relative to the spread, not the
+mean, or plain float32 products while S / V is moderate), since (sum ||g_i||^2 - n ||gbar||^2) / (n - 1) cancels
+E||g||^2 / tr Cov-fold.
 No engine touches ``p.grad``: all use ``torch.autograd.grad`` or ``torch.func``.
 
 * ``loop``  -- one forward + backward per sample (the reference; works for any model).
@@ -53,7 +55,7 @@ class Job:
 @dataclass(frozen=True)
 class ChunkResult:
     """``losses`` (b,) detached; ``sqnorms`` {name: (b,) float64 ||g_i||^2 restricted to that parameter} (a
-    missing name means a zero gradient)."""
+    missing name means a zero gradient, or one the engine summed per bin into ``sink.stats`` itself)."""
 
     losses: Tensor
     sqnorms: dict[str, Tensor]

@@ -7,13 +7,15 @@ the weight gradient of a convolution with ``groups = b * groups`` (samples side 
 LayerNorm/GroupNorm ``g_gamma = sum delta * xhat``, ``g_beta = sum delta``, Embedding by scattering delta into the
 looked-up rows (:mod:`flowmatch.persample_layers`: which layers qualify, the graph check, the convolution rule).
 Each layer's per-bin sums (or their squared norms) are formed for all bins at once as the backward reaches it
-(:mod:`flowmatch.binreduce`); small one-row-per-sample Linear layers are held back and reduced together after the
-backward, one batched float64 pass per layer shape. Violations of its assumptions raise
+(:mod:`flowmatch.binreduce`); when only the squared norms of the per-bin sums are kept, Linear layers applied once
+per sample are held back and reduced together after the backward, a few stacked passes for all of them
+(:mod:`flowmatch.binreduce_linear`). Violations of its assumptions raise
 :class:`~flowmatch.persample.HooksUnsupported`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -25,14 +27,12 @@ from flowmatch.binreduce import (
     add_materialised,
     bin_sum,
     bin_sum64,
-    fused_linear,
-    fusion_groups,
-    is_small_linear,
     linear_rows,
     sqnorm64,
     use_centred,
     vdot,
 )
+from flowmatch.binreduce_linear import blocks_for, fusion_groups, linear_stats, stack_factors
 from flowmatch.gradvar_plan import Chunk
 from flowmatch.persample import F64, ChunkResult, HooksUnsupported, Job, _check_losses, _sqnorm
 from flowmatch.persample_layers import CONV, conv_weight, graph_scan, hook_plan
@@ -96,6 +96,11 @@ def _linear(x: Tensor, d: Tensor, chunk: Chunk, targets: dict, dense: bool) -> d
     return res
 
 
+def is_row_linear(x: Tensor, d: Tensor) -> bool:
+    """A Linear layer applied once per sample (one row of input x and output gradient d per sample)."""
+    return x.numel() == x.shape[0] * x.shape[-1] and d.numel() == d.shape[0] * d.shape[-1]
+
+
 def _embedding(m: nn.Embedding, x: Tensor, d: Tensor, chunk: Chunk, target: Tensor, dense: bool) -> Tensor:
     """Embedding: per-sample float64 ||g_i||^2 (rows looked up several times add up; padding_idx rows get no
     gradient); the per-bin sums (scattered into (Kc, N, D)) go to ``target``."""
@@ -156,17 +161,19 @@ class HooksEngine:
         self.plan, self.verify = hook_plan(model, params), verify
         self._structure: tuple = (None, ())  # (set of called layers, the lowest of them) from the last scan
         self._ctx: tuple | None = None
-        self._small: list = []  # (layer, input, output gradient) of small Linear layers, for one fused pass
+        self._rows: list = []  # (layer, input, output gradient) of one-row-per-sample Linear layers
+        self._passes: dict = {}  # held layers, their widths, rows per bin and chunk size -> the stacked passes
 
     def _on_grad(self, m: nn.Module, rec: _Rec, delta: Tensor) -> None:
         """Tensor hook on a layer's output: turn (input, output gradient) into per-sample results at once, so
-        neither is kept alive longer than in an ordinary backward."""
+        neither is kept alive longer than in an ordinary backward (one-row-per-sample Linear layers, when only
+        squared norms are kept: held for one stacked pass after the backward)."""
         chunk, sink, sq, autocast = self._ctx
         names = self.plan[m]  # hooks run under the backward's grad mode (create_graph=False: no graph)
         x = rec.x.detach()
         rec.x = rec.out = None
-        if not sink.dense and isinstance(m, nn.Linear) and is_small_linear(x, delta, chunk.rows):
-            self._small.append((m, x, delta))  # processed together after the backward
+        if not sink.dense and isinstance(m, nn.Linear) and is_row_linear(x, delta):
+            self._rows.append((m, x.reshape(x.shape[0], -1), delta.reshape(x.shape[0], -1)))
             return
         targets = {a: sink.targets[n] for a, n in names.items()}
         if autocast:
@@ -176,23 +183,58 @@ class HooksEngine:
             got = _layer_grads(m, x, delta, chunk, targets, sink.dense)
         sq.update({names[a]: v for a, v in got.items()})
 
-    def _small_layers(self, chunk: Chunk, sink: Sink, sq: dict) -> None:
-        """The small Linear layers held back by :meth:`_on_grad`, in as few batched float64 passes as pay off
-        (:func:`~flowmatch.binreduce.fusion_groups`, :func:`~flowmatch.binreduce.fused_linear`)."""
-        items, self._small = self._small, []
+    def _row_layers(self, chunk: Chunk, sink: Sink) -> float:
+        """The Linear layers held back by :meth:`_on_grad`, stacked into as few :func:`linear_stats` passes as pay
+        off (:func:`~flowmatch.binreduce_linear.fusion_groups`); their per-bin sums of ||g_i||^2 and squared norms
+        of the per-bin gradient sums go to ``sink.stats``. Returns sample 0's ||g_0||^2 over these layers when the
+        engine still has to verify itself (else 0)."""
+        items, self._rows = self._rows, []
         if not items:
-            return
-        shapes = [(x.shape[-1], d.shape[-1]) for _, x, d in items]
-        for group in fusion_groups(shapes, chunk.rows.n_pad, len(chunk)):
-            sq_w, sq_b, w, bias = fused_linear([items[j][1:] for j in group], chunk.rows)
-            for r, j in enumerate(group):
-                names = self.plan[items[j][0]]
-                if "weight" in names:
-                    sink.targets[names["weight"]].add_(w[r])
-                    sq[names["weight"]] = sq_w[r]
-                if "bias" in names:
-                    sink.targets[names["bias"]].add_(bias[r])
-                    sq[names["bias"]] = sq_b[r]
+            return 0.0
+        blocks = blocks_for(chunk.rows)
+        n_max = max(blk.n for blk in blocks)
+        key = (tuple(m for m, _, _ in items), tuple(x.shape[1:] + d.shape[1:] for _, x, d in items), n_max, len(chunk))
+        passes = self._passes.get(key)
+        if passes is None:
+            passes = self._passes[key] = self._plan_passes(items, n_max, sink, len(chunk))
+        stats = sink.stats.view(sink.stats.shape[0], -1)  # (Kc, 2 n_params)
+        for group, swapped, swap, keep, cols in passes:
+            xs = [items[j][2 if s else 1] for j, s in zip(group, swapped)]  # the narrower side as the input
+            ds = [items[j][1 if s else 2] for j, s in zip(group, swapped)]
+            dt = torch.float64 if any(t.dtype == F64 for t in xs + ds) else torch.float32
+            for blk in blocks:
+                out = linear_stats(stack_factors(xs, blk, dt), stack_factors(ds, blk, dt), blk, swap)  # (4, L, Kg)
+                vals = out.view(-1, out.shape[2]) if keep is None else out.view(-1, out.shape[2]).index_select(0, keep)
+                if blk.bins is None:
+                    stats.index_add_(1, cols, vals.T)
+                else:
+                    stats.index_put_((blk.bins[:, None], cols[None, :]), vals.T, accumulate=True)
+        if not self.verify:
+            return 0.0
+        got = 0.0
+        for m, x, d in items:
+            dn, an = float(d[0].double().square().sum()), float(x[0].double().square().sum())
+            got += dn * an * ("weight" in self.plan[m]) + dn * ("bias" in self.plan[m])
+        return got
+
+    def _plan_passes(self, items: list, n: int, sink: Sink, b: int) -> list:
+        """Per stacked pass: layer indices, swapped flags (also as an (L, 1) tensor, None if none), which of its
+        (4, L) results are trainable parameters (None: all) and their columns in ``sink.stats`` viewed (Kc, 2 P)."""
+        shapes = [(x.shape[1], d.shape[1]) for _, x, d in items]
+        dev, P = sink.stats.device, sink.stats.shape[2]
+        out = []
+        for group, swapped in fusion_groups(shapes, n, b):
+            plans = [self.plan[items[j][0]] for j in group]
+            rows = [  # out (4, L, Kg) = S_w, ||sum g_w||^2, S_b, ||sum g_b||^2 per layer
+                (r * len(group) + j, P * (r % 2) + sink.cols[p[attr]])
+                for r, attr in enumerate(("weight", "weight", "bias", "bias"))
+                for j, p in enumerate(plans)
+                if attr in p
+            ]
+            keep = None if len(rows) == 4 * len(group) else torch.tensor([r for r, _ in rows], device=dev)
+            swap = torch.tensor(swapped, device=dev)[:, None] if any(swapped) else None
+            out.append((group, swapped, swap, keep, torch.tensor([c for _, c in rows], device=dev)))
+        return out
 
     def __call__(self, job: Job, chunk: Chunk, sink: Sink) -> ChunkResult:
         """Per-sample results of one chunk from one forward and one (truncated) backward pass."""
@@ -231,23 +273,25 @@ class HooksEngine:
         try:
             if inputs:
                 torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-            self._small_layers(chunk, sink, sq)
+            with torch.autocast(dev, enabled=False) if self._ctx[3] else contextlib.nullcontext():
+                row_sq0 = self._row_layers(chunk, sink)
         finally:
-            self._ctx, self._small = None, []
+            self._ctx, self._rows = None, []
         if self.verify:
             self.verify = False
-            self._check_first_sample(job, chunk, sq)
+            self._check_first_sample(job, chunk, sq, row_sq0)
         return ChunkResult(losses.detach(), sq)
 
     @staticmethod
-    def _check_first_sample(job: Job, chunk: Chunk, sq: dict) -> None:
-        """Raise HooksUnsupported unless the hooks' ||g_0||^2 matches a direct backward on sample 0 alone."""
+    def _check_first_sample(job: Job, chunk: Chunk, sq: dict, extra: float) -> None:
+        """Raise HooksUnsupported unless the hooks' ||g_0||^2 (``sq``'s per-sample values at sample 0, plus
+        ``extra`` from the stacked Linear layers) matches a direct backward on sample 0 alone."""
         gs = torch.autograd.grad(
             job.loss_fn(job.model, chunk.path[0:1]).sum(), list(job.params.values()), allow_unused=True
         )
         ref = sum(float(_sqnorm(g.reshape(1, -1))) for g in gs if g is not None)
         per = torch.stack(list(sq.values())) if sq else torch.zeros(1, len(chunk), dtype=F64)
-        got, scale = float(per[:, 0].sum()), float(per.mean(1).sum())
+        got, scale = float(per[:, 0].sum()) + extra, float(per.mean(1).sum()) + extra
         if abs(got - ref) > 1e-3 * max(abs(got), abs(ref)) + 1e-7 * scale:
             raise HooksUnsupported(
                 f"hooks ||g_0||^2 = {got:.6g} but a direct backward gives {ref:.6g} "
