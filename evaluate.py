@@ -226,7 +226,6 @@ def lemma1(cfg: DictConfig, run_dir: Path) -> dict:
         say(
             f"lemma1 d={row['dim']} fit {name}: rel err {row['rel_err']:.3g}, endpoint err "
             f"{row['endpoint_err_mean']:.3g} ({time.perf_counter() - start:.0f}s)",
-            flush=True,
         )
 
     fit_keys = ("widths", "depth", "batch_size", "lr", "affine_lr", "n_test")

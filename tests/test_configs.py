@@ -401,11 +401,40 @@ def check_analysis(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("group,option", CASES)
+def check_logging_config(config: dict, tmp_path) -> None:
+    """A logging option is a valid ``logging.config.dictConfig`` (its log file put in ``tmp_path``) whose handlers
+    write what they are given."""
+    import logging
+    import logging.config
+
+    for handler in config.get("handlers", {}).values():
+        if "filename" in handler:
+            handler["filename"] = str(tmp_path / "job.log")
+    saved = logging.getLogger().handlers[:]
+    try:
+        logging.config.dictConfig(config)
+        logging.getLogger("flowmatch").info("hello from the test")
+        for h in logging.getLogger().handlers:
+            h.flush()
+    finally:
+        for h in logging.getLogger().handlers:
+            if h not in saved:
+                h.close()
+        logging.getLogger().handlers[:] = saved
+    if any("filename" in h for h in config.get("handlers", {}).values()):
+        assert "hello from the test" in (tmp_path / "job.log").read_text()
+
+
 def test_option(group, option, tmp_path):
     primary, in_defaults = _primary_for(group)
     if _entry(group, option):
         primary, in_defaults = _entry(group, option), True
     overrides = _overrides(group, option, tmp_path, in_defaults)
+    if group in ("hydra/job_logging", "hydra/hydra_logging"):
+        with composed(primary, overrides, tmp_path) as (_, hydra_node):
+            node = OmegaConf.select(hydra_node, group.split("/", 1)[1])
+            check_logging_config(OmegaConf.to_container(node, resolve=False), tmp_path)
+        return
     if group.startswith("hydra/"):
         with composed(primary, overrides, tmp_path) as (_, hydra_node):
             node = OmegaConf.select(hydra_node, group.split("/", 1)[1].replace("/", "."))
