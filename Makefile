@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= outputs/demo
+DEMO_ARGS ?=
 export WANDB_MODE ?= offline
 
 .PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check dashboard clean \
@@ -24,7 +25,7 @@ demo: install  ## 180° rotation, sigma in {0, 0.05}: train both (parallel), fig
 	rm -rf $(OUT)
 	$(BIN)/python train.py --multirun experiment=rotation180 interpolant.sigma=0.0,0.05 callbacks=gradvar \
 	  hydra/launcher=joblib_cpu threads=1 trainer.enable_progress_bar=false \
-	  hydra.sweep.dir=$(OUT) hydra.sweep.subdir=sigma\$${interpolant.sigma}
+	  hydra.sweep.dir=$(OUT) hydra.sweep.subdir=sigma\$${interpolant.sigma} $(DEMO_ARGS)
 	$(BIN)/python -m flowmatch.plots.rotation $(OUT)
 
 lint: install  ## ruff: lint (pyflakes, pycodestyle, import order, bugbear, pyupgrade) and format check
