@@ -45,14 +45,20 @@ def sigma_caption(run: str | Path) -> str:
     return "σ unknown" if sigma is None else f"σ={float(sigma):g}"
 
 
-def runs_caption(cfgs_metrics: Iterable[tuple[dict, dict]]) -> str:
-    """'σ ∈ {0, 0.05}, after 2000 steps' for (config, metrics) pairs of trained runs (``interpolant.sigma``,
-    ``train/global_step``); the steps are listed when the runs differ."""
-    pairs = list(cfgs_metrics)
-    sigmas = sorted({float(c["interpolant"]["sigma"]) for c, _ in pairs})
-    steps = sorted({int(m.get("train/global_step", -1)) for _, m in pairs})
+def sigma_steps_caption(sigmas: Iterable[float], steps: Iterable[int]) -> str:
+    """'σ ∈ {0, 0.05}, after 2000 steps' (one σ: 'σ=0.05'; several step counts: 'after 1000/4000 steps')."""
+    sigmas, steps = sorted({float(s) for s in sigmas}), sorted({int(s) for s in steps})
     sig = f"σ={sigmas[0]:g}" if len(sigmas) == 1 else "σ ∈ {" + ", ".join(f"{s:g}" for s in sigmas) + "}"
     return f"{sig}, after {'/'.join(str(s) for s in steps)} steps"
+
+
+def runs_caption(cfgs_metrics: Iterable[tuple[dict, dict]]) -> str:
+    """:func:`sigma_steps_caption` of (config, metrics) pairs of trained runs (``interpolant.sigma``,
+    ``train/global_step``)."""
+    pairs = list(cfgs_metrics)
+    return sigma_steps_caption(
+        (c["interpolant"]["sigma"] for c, _ in pairs), (m.get("train/global_step", -1) for _, m in pairs)
+    )
 
 
 def euler_series(metrics: dict, name: str) -> tuple[list[int], list[float]]:
