@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv (if missing) and install flowmatch with its dependencies
 
-demo: install  ## 180° rotation, sigma in {0, 0.05}: train both (parallel), figures, gradvar + metrics in $(OUT)
+demo: install  ## 180° rotation, sigma in {0, 0.05}: train both (parallel), figures, gradvar + metrics in $(OUT) (DEMO_ARGS="k=v ..." adds overrides)
 	rm -rf $(OUT)
 	$(BIN)/python train.py --multirun experiment=rotation180 interpolant.sigma=0.0,0.05 callbacks=gradvar \
 	  hydra/launcher=joblib_cpu threads=1 trainer.enable_progress_bar=false \
