@@ -24,7 +24,7 @@ install: $(STAMP)  ## create .venv (if missing) and install flowmatch with its d
 demo: install  ## 180° rotation, sigma in {0, 0.05}: train both (parallel), figures, gradvar + metrics in $(OUT) (DEMO_ARGS="k=v ..." adds overrides)
 	rm -rf $(OUT)
 	$(BIN)/python train.py --multirun experiment=rotation180 interpolant.sigma=0.0,0.05 callbacks=gradvar \
-	  hydra/launcher=joblib_cpu threads=1 trainer.enable_progress_bar=false \
+	  hydra/launcher=joblib_cpu threads=1 \
 	  hydra.sweep.dir=$(OUT) hydra.sweep.subdir=sigma\$${interpolant.sigma} $(DEMO_ARGS)
 	$(BIN)/python -m flowmatch.plots.rotation $(OUT)
 

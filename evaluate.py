@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import warnings
+import sys
 from pathlib import Path
 
 import hydra
@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from flowmatch.checkpoints import CheckpointError, architecture_error, read_checkpoint
 from flowmatch.entry import build, fail, preflight, run_evaluation, set_threads, user_errors, write_json
 from flowmatch.streams import generator
+from flowmatch.sweeps import exit_status, job_guard
+from flowmatch.terminal import quiet, say
 
-warnings.filterwarnings("ignore", ".*LeafSpec.*")
 TASKS = ("metrics", "reflow_pairs", "gradvar_field", "lemma1", "stability")
 
 
@@ -59,11 +60,19 @@ def load_checkpoint(cfg: DictConfig):
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
+    """One job: :func:`evaluate`; in a sweep, a failed job is recorded and the others go on."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    quiet(cfg.verbose)
+    with job_guard(run_dir):
+        return evaluate(cfg, run_dir)
+    return None  # a failed sweep job (reported at the end of the sweep)
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Run ``cfg.task`` and return its summary (metrics for ``task=metrics``)."""
     if cfg.task not in TASKS:
         fail(f"task must be one of {list(TASKS)}, got {cfg.task!r}")
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if cfg.task == "gradvar_field":
@@ -85,7 +94,7 @@ def main(cfg: DictConfig) -> dict:
         return stability(cfg, run_cfg, datamodule, module, device, run_dir)
     metrics = run_evaluation(module, datamodule, solver, eval_options, device, run_dir, cfg.ckpt_path)
     write_json(run_dir / "metrics.json", metrics)
-    print(f"flowmatch: wrote {run_dir / 'metrics.json'}")
+    say(f"flowmatch: wrote {run_dir / 'metrics.json'}")
     return metrics
 
 
@@ -98,7 +107,7 @@ def reflow_pairs(cfg, datamodule, module, solver, device, run_dir: Path) -> dict
     )
     out = run_dir / "reflow_pairs.pt"
     torch.save({"x0": x0, "x1": x1, "solver": solver.tag, "ckpt_path": str(cfg.ckpt_path)}, out)
-    print(f"flowmatch: wrote {out} ({len(x0)} pairs); train on them with coupling=reflow coupling.pairs_path={out}")
+    say(f"flowmatch: wrote {out} ({len(x0)} pairs); train on them with coupling=reflow coupling.pairs_path={out}")
     return {"n_pairs": len(x0)}
 
 
@@ -135,8 +144,8 @@ def stability(cfg: DictConfig, run_cfg: DictConfig, datamodule, module, device, 
     path = write_csv(run_dir / "stability.csv", [{**tags, **r} for r in rows])
     for r in rows:
         if r["measure"] == "sensitivity":
-            print(f"stability {tags['direction']}: t={r['t']:.2f} mean ||dx1||/||dx_t|| = {r['mean']:.3g}", flush=True)
-    print(f"flowmatch: wrote {path}")
+            say(f"stability {tags['direction']}: t={r['t']:.2f} mean ||dx1||/||dx_t|| = {r['mean']:.3g}")
+    say(f"flowmatch: wrote {path}")
     return {"rows": len(rows)}
 
 
@@ -162,7 +171,7 @@ def gradvar_field(cfg: DictConfig, run_dir: Path) -> dict:
         f"{interpolant.name} sigma={interpolant.sigma:g}, d={g['dim']}"
     )
     png = plot_field_table(rows, run_dir / "gradvar_field.png", title)
-    print(f"flowmatch: wrote {path} and {png}")
+    say(f"flowmatch: wrote {path} and {png}")
     return {"rows": len(rows)}
 
 
@@ -207,13 +216,13 @@ def lemma1(cfg: DictConfig, run_dir: Path) -> dict:
     mean, cov = random_target(s["dim"], s["seed"], s["eig_range"], s["mean_scale"])
     rows = integration_rows(mean, cov, s["angle"], s["n_samples"], s["seed"] + 1, s["atol"], s["rtol"])
     for r in rows:
-        print(f"lemma1 d={r['dim']} field={r['field']}: max ||x_hat1 - x1|| = {r['err_max']:.3g} ({r['status']})")
+        say(f"lemma1 d={r['dim']} field={r['field']}: max ||x_hat1 - x1|| = {r['err_max']:.3g} ({r['status']})")
     integ = write_csv(run_dir / "lemma1_integration.csv", rows)
     start = time.perf_counter()
 
     def progress(row):
         name = f"mlp width {row['width']}" if row["model"] == "mlp" else row["model"]
-        print(
+        say(
             f"lemma1 d={row['dim']} fit {name}: rel err {row['rel_err']:.3g}, endpoint err "
             f"{row['endpoint_err_mean']:.3g} ({time.perf_counter() - start:.0f}s)",
             flush=True,
@@ -231,10 +240,11 @@ def lemma1(cfg: DictConfig, run_dir: Path) -> dict:
         progress=progress,
     )
     fit_path = write_csv(run_dir / "lemma1_fit.csv", fit)
-    print(f"flowmatch: wrote {integ} and {fit_path}")
+    say(f"flowmatch: wrote {integ} and {fit_path}")
     return {"integration": rows, "fit": fit}
 
 
 if __name__ == "__main__":
     preflight("evaluate")
     main()
+    sys.exit(exit_status())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
+import sys
 from pathlib import Path
 
 import hydra
@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from flowmatch import wandb_run
+from flowmatch import sweeps, wandb_run
 from flowmatch.entry import (
     batch_protocol,
     build,
@@ -39,9 +39,7 @@ from flowmatch.entry import (
 from flowmatch.finite import NonFiniteLoss
 from flowmatch.keys import metric
 from flowmatch.resume import ExactResume
-
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*LeafSpec.*")
+from flowmatch.terminal import quiet, say
 
 
 def _resolve_ckpt(ckpt_path, ckpt_dir: Path):
@@ -84,9 +82,26 @@ def _loggers(group: DictConfig, run_dir: Path, resuming: bool) -> list:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> dict:
-    """Train, evaluate at the end (``eval`` group) and write the run directory; returns metrics.json's content."""
+def main(cfg: DictConfig) -> dict | None:
+    """One job: :func:`train`; in a sweep, a failed job is recorded and the others go on (``flowmatch.sweeps``)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    quiet(cfg.verbose)
+    with sweeps.job_guard(run_dir):
+        return train(cfg, run_dir)
+    return None  # a failed sweep job (reported at the end of the sweep)
+
+
+def _progress(cfg: DictConfig):
+    """The ``progress`` callback with ``auto`` resolved: a live bar for a single run on an interactive terminal
+    (unless ``trainer.enable_progress_bar=false``), progress lines otherwise."""
+    progress = instantiate(cfg.progress)
+    single = HydraConfig.get().mode != RunMode.MULTIRUN
+    progress.resolve(interactive=single and sys.stderr.isatty() and cfg.trainer.get("enable_progress_bar", True))
+    return progress
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train, evaluate at the end (``eval`` group) and write the run directory; returns metrics.json's content."""
     set_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with user_errors(run_dir):
@@ -98,13 +113,15 @@ def main(cfg: DictConfig) -> dict:
             fail(sharded)
         if is_sharded(cfg) and eval_options.enabled:
             eval_options = dataclasses.replace(eval_options, enabled=False)
-            print(
+            say(
                 "flowmatch: trainer.strategy=fsdp: no end-of-training evaluation (it needs the whole model on one "
                 "rank); evaluate checkpoints/last.ckpt with evaluate.py"
             )
         for cb in callbacks:  # a callback may check its settings against the data before training
             if hasattr(cb, "validate"):
                 cb.validate(datamodule=datamodule, module=module)
+        progress = _progress(cfg)
+        callbacks.append(progress)
         ckpt_dir = run_dir / "checkpoints"
         # first, so each batch's random state is set before any other callback's batch hooks (flowmatch/resume.py)
         callbacks.insert(0, ExactResume())
@@ -115,11 +132,17 @@ def main(cfg: DictConfig) -> dict:
                 dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint.every_n_train_steps
             )
         )
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
+        trainer = instantiate(
+            cfg.trainer,
+            logger=loggers or False,
+            callbacks=callbacks,
+            default_root_dir=str(run_dir),
+            enable_progress_bar=progress.bar,
+        )
     if rank_zero_only.rank == 0:
         n_params = sum(p.numel() for p in module.model.parameters())
-        print(f"flowmatch: {type(module.model).__name__} with {n_params:,} parameters; run dir {run_dir}")
-        print(describe_batch(*_batch(trainer, datamodule), lr=cfg.optimizer.get("lr")))
+        say(f"flowmatch: {type(module.model).__name__} with {n_params:,} parameters; run dir {run_dir}")
+        say(describe_batch(*_batch(trainer, datamodule), lr=cfg.optimizer.get("lr")))
 
     ok = False
     try:
@@ -128,7 +151,7 @@ def main(cfg: DictConfig) -> dict:
     finally:  # on an error too: the wandb run ends (as failed), so the next job of a sweep starts its own
         wandb_run.close(loggers, ok)
     if metrics:
-        print(f"flowmatch: wrote {run_dir / 'metrics.json'}")
+        say(f"flowmatch: wrote {run_dir / 'metrics.json'}")
     return metrics
 
 
@@ -161,3 +184,4 @@ def _fit_and_evaluate(trainer, module, datamodule, solver, eval_options, ckpt_pa
 if __name__ == "__main__":
     preflight("train")
     main()
+    sys.exit(sweeps.exit_status())

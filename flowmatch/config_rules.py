@@ -74,7 +74,8 @@ SOLVERS = one_of("euler", "midpoint", "rk4", "dopri5")
 
 # One table per config group: key -> rule, checked when the key is in the composed config.
 TABLES: dict[str, dict[str, Rule]] = {
-    "": {"seed": integer(0), "threads": integer(1, null=True), "ckpt_path": STR_OR_NULL},
+    "": {"seed": integer(0), "threads": integer(1, null=True), "ckpt_path": STR_OR_NULL, "verbose": BOOL},
+    "progress": {"mode": one_of("auto", "bar", "lines", "none"), "every_s": number(gt=0)},
     "checkpoint": {"every_n_train_steps": integer(1)},
     "trainer": {
         "max_steps": integer(1),

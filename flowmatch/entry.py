@@ -7,6 +7,7 @@ configs. The math core and the Lightning layer never import it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Mis
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flowmatch import sweeps, terminal
 from flowmatch.checkpoints import CheckpointError, architecture_error, read_checkpoint
 from flowmatch.preconditions import output_dir_error, wandb_error
 from flowmatch.validate import config_errors
@@ -28,9 +30,12 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def fail(message: str, status: int = 2) -> None:
-    """Print one clear error line and stop (exit status 2: bad input; 1: a fault at run time)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(status)
+    """Show one clear error line (terminal and the run's log file) and stop (exit status 2: bad input; 1: a fault
+    at run time). The ``SystemExit`` carries the line as ``.message`` (a sweep's report repeats it)."""
+    terminal.error(message)
+    stop = SystemExit(status)
+    stop.message = message
+    raise stop
 
 
 def _first_values(args: list[str]) -> list[str] | None:
@@ -75,9 +80,22 @@ def preflight(config_name: str, argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in args):
         return
-    message = first_error(config_name, args)
+    message = sweep_error(config_name, args) if sweeps.is_multirun(args) else first_error(config_name, args)
     if message:
         fail(message)
+
+
+def sweep_error(config_name: str, args: list[str]) -> str | None:
+    """The problems of a multirun command line, each job checked on its own (:func:`first_error`) before any
+    starts: one message naming every invalid job (``flowmatch.sweeps``). Tells the jobs their count."""
+    expanded = sweeps.expand_jobs(args)
+    if expanded is None:  # a sweep only Hydra's config loader can expand: its first values are checked
+        return first_error(config_name, args)
+    jobs, keys = expanded
+    flags = [a for a in args if a.startswith("-")]
+    errors = [first_error(config_name, flags + job) for job in jobs]
+    sweeps.announce(len(jobs), keys)
+    return sweeps.bad_jobs_message(errors, jobs, keys)
 
 
 def first_error(config_name: str, args: list[str]) -> str | None:
@@ -94,7 +112,7 @@ def first_error(config_name: str, args: list[str]) -> str | None:
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name, overrides=overrides + dirs, return_hydra_config=True)
-            reference = _reference(config_name, overrides)
+            reference = _reference(config_name, tuple(o for o in overrides if _is_group(o)))
     except MissingConfigException as exc:
         return " ".join(str(exc).split("Config search path")[0].split())
     except ConfigCompositionException as exc:
@@ -116,10 +134,12 @@ def _is_group(override: str) -> bool:
     return (Path(CONF_DIR) / key.replace(".", "/")).is_dir() or key.startswith("~") or override.startswith("~")
 
 
-def _reference(config_name: str, overrides: list[str]):
-    """The config with the command line's group choices only: the types its value overrides must keep."""
+@functools.lru_cache(maxsize=64)
+def _reference(config_name: str, group_overrides: tuple[str, ...]):
+    """The config with the command line's group choices only: the types its value overrides must keep (cached:
+    the jobs of a sweep share it)."""
     try:
-        return compose(config_name, overrides=[o for o in overrides if _is_group(o)])
+        return compose(config_name, overrides=list(group_overrides))
     except Exception:
         return None
 
@@ -269,7 +289,9 @@ def run_evaluation(module, datamodule, solver, options, device, run_dir: Path, c
     from flowmatch.sampling import IntegrationError
 
     try:
-        result = evaluate_module(module, datamodule.eval_setup(), solver, options, device, ckpt_path=str(ckpt_path))
+        result = evaluate_module(
+            module, datamodule.eval_setup(), solver, options, device, ckpt_path=str(ckpt_path), say=terminal.say
+        )
     except IntegrationError as exc:
         fail(f"the evaluation stopped: {exc}; {ckpt_path} is kept", status=1)
     if result.trajectories:

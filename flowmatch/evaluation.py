@@ -18,6 +18,7 @@ Keys are those of :mod:`flowmatch.keys`; ``protocol/...`` keys say how the numbe
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
+Say = Callable[[str], None]
+"""A progress reporter: told, in words, which evaluation step is about to run."""
 FID_SPLITS = ("train", "test")
 
 
@@ -185,13 +188,17 @@ def _pair_scores(x1_hat: Tensor, x1: Tensor, x1_ot: Tensor | None, k: int | None
     return out
 
 
+def _silent(message: str) -> None:
+    """The default progress reporter of the evaluation steps: says nothing."""
+
+
 def training_pair_metrics(
-    velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions, device
+    velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions, device, say: Say = _silent
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Step 1: pair metrics of the training sources with the configured solver (plain keys, the standard
     deviations, ``eval/mmd_mem``) and with Euler at each of ``options.euler_steps`` (``@euler{K}`` keys); the kept
     trajectories (``solver``, ``euler{K}``). Without kept trajectories the sources are integrated in chunks of
-    ``options.batch_size``."""
+    ``options.batch_size``. ``say`` is told which solver is about to run."""
     x0, x1 = setup.pairs
     x_ot = ot_partners(setup, x0)
     keep = set(options.keep_trajectories)
@@ -199,6 +206,7 @@ def training_pair_metrics(
     out: dict[str, float] = {}
     for k in [None, *options.euler_steps]:
         s = solver if k is None else Solver("euler", steps=k)
+        say(f"evaluate: {len(x0)} training sources with {s.tag}")
         if keep and (k is None or k in keep):
             r = s.integrate(velocity, x0.to(device), return_traj=True)
             x1_hat = r.x1.cpu()
@@ -213,18 +221,26 @@ def training_pair_metrics(
 
 
 def fresh_sample_metrics(
-    velocity: Velocity, setup: EvalSetup, solver: Solver, options: EvalOptions, device, g: torch.Generator
+    velocity: Velocity,
+    setup: EvalSetup,
+    solver: Solver,
+    options: EvalOptions,
+    device,
+    g: torch.Generator,
+    say: Say = _silent,
 ) -> tuple[dict[str, float], Tensor, float]:
     """Step 2: ``eval/mmd_gen``, ``eval/nfe``, ``eval/w2`` and (no training pairs, OT map known) ``eval/l2_ot``
     with its ``@euler{K}`` variants, on ``options.n_fresh`` fresh sources and targets drawn from ``g``.
     Returns the metrics, the generated samples and the NFE."""
     fresh0, fresh1 = setup.p0.sample(options.n_fresh, g), setup.p1.sample(options.n_fresh, g)
+    say(f"evaluate: {options.n_fresh} fresh samples with {solver.tag}")
     gen, nfe = _integrate(velocity, solver, fresh0, device, options.batch_size)
     out = {metric("eval/nfe"): float(nfe), metric("eval/mmd_gen"): M.mmd2_rbf(gen, fresh1)}
     if setup.pairs is None and setup.ot_map is not None:
         target = setup.ot_map(fresh0)
         out[metric("eval/l2_ot")] = M.mean_l2(gen, target)
         for k in options.euler_steps:
+            say(f"evaluate: {options.n_fresh} fresh samples with euler{k} (L2 to the OT map)")
             x1_k, _ = _integrate(velocity, Solver("euler", steps=k), fresh0, device, options.batch_size)
             out[metric("eval/l2_ot", k)] = M.mean_l2(x1_k, target)
     if gen[0].numel() <= options.w2_max_dim:
@@ -242,7 +258,7 @@ def _reference(setup: EvalSetup, split: str, n: int, g: torch.Generator) -> Tens
 
 
 def image_metrics(
-    gen: Tensor, setup: EvalSetup, options: EvalOptions, device, g: torch.Generator
+    gen: Tensor, setup: EvalSetup, options: EvalOptions, device, g: torch.Generator, say: Say = _silent
 ) -> tuple[dict[str, float], dict[str, float | str]]:
     """Step 3 (image data as the target): ``eval/mem_rate`` against the training images and, with
     ``options.fid``, ``eval/fid``, ``eval/kid``, ``eval/kid_std`` against ``n_fresh`` real images of
@@ -253,6 +269,7 @@ def image_metrics(
         return out, {**proto, metric("protocol/feature_extractor"): "off"}
     extractor = options.feature_extractor or "inception"
     name = extractor if isinstance(extractor, str) else type(extractor).__name__
+    say(f"evaluate: FID and KID ({name} features) of {len(gen)} samples against the {options.fid_split} split")
     try:
         real = _reference(setup, options.fid_split, len(gen), g)
         r = IM.fid_kid(
@@ -293,21 +310,25 @@ def evaluate_flow(
     solver: Solver,
     options: EvalOptions | None = None,
     device: torch.device | str = "cpu",
+    say: Say = _silent,
 ) -> EvalResult:
-    """Score ``velocity`` (steps 1-3 of the module docstring) with ``solver`` and ``options``."""
+    """Score ``velocity`` (steps 1-3 of the module docstring) with ``solver`` and ``options``; ``say`` is told
+    which step and solver is running (a long evaluation is not silent) and how long it took."""
     options = options or EvalOptions()
+    start = time.perf_counter()
     g = generator(options.seed, "eval")
     out: dict[str, float] = {}
     trajs: dict[str, Tensor] = {}
     if setup.pairs is not None:
-        out, trajs = training_pair_metrics(velocity, setup, solver, options, device)
-    fresh, gen, nfe = fresh_sample_metrics(velocity, setup, solver, options, device, g)
+        out, trajs = training_pair_metrics(velocity, setup, solver, options, device, say)
+    fresh, gen, nfe = fresh_sample_metrics(velocity, setup, solver, options, device, g, say)
     out.update(fresh)
     protocol = _solver_protocol(solver, nfe, options)
     if len(setup.p1.shape) > 1 and setup.train_data is not None:
-        img, proto = image_metrics(gen, setup, options, device, g)
+        img, proto = image_metrics(gen, setup, options, device, g, say)
         out.update(img)
         protocol.update(proto)
+    say(f"evaluate: done in {time.perf_counter() - start:.1f} s")
     return EvalResult(out, trajs, protocol)
 
 
@@ -318,6 +339,7 @@ def evaluate_module(
     options: EvalOptions | None = None,
     device: torch.device | str = "cpu",
     ckpt_path: str | None = None,
+    say: Say = _silent,
 ) -> EvalResult:
     """:func:`evaluate_flow` of a training module's sampling field ``module.velocity`` (the EMA copy when
     ``module.sampling_model`` is set), with ``module`` in eval mode and its previous mode restored afterwards.
@@ -326,7 +348,7 @@ def evaluate_module(
     was_training = module.training
     module.eval()
     try:
-        result = evaluate_flow(module.velocity, setup, solver, options, device=device)
+        result = evaluate_flow(module.velocity, setup, solver, options, device=device, say=say)
     finally:
         module.train(was_training)
     result.protocol[metric("protocol/ema")] = str(getattr(module, "sampling_model", None) is not None).lower()

@@ -38,6 +38,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from flowmatch.terminal import say
+
 __all__ = [
     "Assignment",
     "SOLVERS",
@@ -269,13 +271,10 @@ class OTSolver:
             raise ValueError(f"coupling.rel_gap must be > 0, got {self.rel_gap}")
 
     def __call__(self, x0: Tensor, x1: Tensor) -> Assignment:
-        res = ot_permutation(
-            x0, x1, self.solver, int(self.exact_max_n), float(self.rel_gap), progress=lambda s: print(s, flush=True)
-        )
+        res = ot_permutation(x0, x1, self.solver, int(self.exact_max_n), float(self.rel_gap), progress=say)
         if res.method != "exact":
-            print(
+            say(
                 f"OT assignment of {len(x0)} points by {res.method}: cost {res.cost:.6g}, certified relative gap "
                 f"<= {res.rel_gap:.2e} ({res.phases} phases, {res.rounds} rounds, {res.seconds:.1f}s)",
-                flush=True,
             )
         return res

@@ -33,6 +33,7 @@ CORE = [
     "flowmatch.checkpoints",
     "flowmatch.preconditions",
     "flowmatch.config_rules",
+    "flowmatch.terminal",
 ]
 ANALYSIS = [
     "flowmatch.analysis",
@@ -50,6 +51,7 @@ LIGHTNING = [
     "flowmatch.callbacks.samples",
     "flowmatch.callbacks.memorization",
     "flowmatch.callbacks.media",
+    "flowmatch.callbacks.progress",
 ]
 
 # Imports the modules one after another in a fresh interpreter and names the first that pulls in a

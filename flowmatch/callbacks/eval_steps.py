@@ -27,6 +27,7 @@ import torch
 from flowmatch.evaluation import EvalOptions, evaluate_module
 from flowmatch.keys import metric
 from flowmatch.sampling import Solver
+from flowmatch.terminal import say
 
 __all__ = ["EvalAtSteps"]
 
@@ -76,7 +77,7 @@ class EvalAtSteps(L.Callback):
         tmp.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
         tmp.replace(path)  # atomic: a partial file never replaces a good one
         self.written.append(path)
-        print(f"flowmatch: eval at step {step}: {_summary(values, self.solver.tag)} -> {path}", flush=True)
+        say(f"flowmatch: eval at step {step}: {_summary(values, self.solver.tag)} -> {path}")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._maybe_evaluate(trainer, pl_module)
@@ -85,7 +86,7 @@ class EvalAtSteps(L.Callback):
         self._maybe_evaluate(trainer, pl_module)
         missed = [s for s in self.steps if s > trainer.global_step]
         if missed and trainer.is_global_zero:
-            print(f"flowmatch: eval_steps {missed} not reached (training ended at step {trainer.global_step})")
+            say(f"flowmatch: eval_steps {missed} not reached (training ended at step {trainer.global_step})")
 
 
 def _summary(values: dict, tag: str) -> str:

@@ -40,6 +40,7 @@ from flowmatch.callbacks.media import log_image, sigma_caption
 from flowmatch.gradvar import TrainModeGuard, bin_edges
 from flowmatch.keys import media_key, mem_key, metric
 from flowmatch.streams import generator
+from flowmatch.terminal import say
 
 __all__ = ["MemorizationCallback"]
 _KEY = "callbacks.memorization"
@@ -123,10 +124,9 @@ class MemorizationCallback(L.Callback):
         self._append(Path(trainer.default_root_dir) / self.filename, row)
         self._log(trainer, step, stats, row)
         if raised:
-            print(
+            say(
                 f"flowmatch: WARNING: memorization alarm at step {step}: signal >= threshold at "
                 f"{self.alarm.patience} consecutive probes: {self.evidence(row)}",
-                flush=True,
             )
 
     def evidence(self, row: dict) -> str:
@@ -234,7 +234,7 @@ class MemorizationCallback(L.Callback):
         if not trainer.is_global_zero or not self.probes:
             return
         if self.alarm.step is None:
-            print(f"flowmatch: memorization: no alarm in {self.probes} probes (last: {self.evidence(self.last_row)})")
+            say(f"flowmatch: memorization: no alarm in {self.probes} probes (last: {self.evidence(self.last_row)})")
         path = Path(trainer.default_root_dir) / self.filename
         if self.plot and path.exists():
             from flowmatch.plots.memorization_run import plot_run

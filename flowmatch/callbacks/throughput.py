@@ -24,6 +24,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from flowmatch.terminal import say
+
 __all__ = ["Throughput"]
 
 
@@ -66,7 +68,7 @@ class Throughput(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.t0 is None or self.step1 <= self.step0:
-            print(f"flowmatch: throughput not measured ({trainer.global_step} steps <= warmup {self.warmup})")
+            say(f"flowmatch: throughput not measured ({trainer.global_step} steps <= warmup {self.warmup})")
             return
         dt, n = self._seconds(), self.step1 - self.step0
         self.result = {
@@ -82,7 +84,7 @@ class Throughput(L.Callback):
             self.result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             self.result["max_memory_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
         if trainer.is_global_zero:
-            print(
+            say(
                 f"flowmatch: throughput {n / dt:.2f} steps/s, {n * self.batch_size / dt:.1f} samples/s "
                 f"({n} steps after {self.step0} warm-up steps, batch {self.batch_size}, {pl_module.device}, "
                 f"precision {trainer.precision})"

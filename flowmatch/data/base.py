@@ -11,6 +11,7 @@ from flowmatch.direction import apply_direction
 from flowmatch.evaluation import EvalSetup
 from flowmatch.global_ot import global_ot_pair, world
 from flowmatch.streams import generator, stream_seed
+from flowmatch.terminal import say
 
 
 class PairStream(IterableDataset):
@@ -53,7 +54,7 @@ class PairStream(IterableDataset):
                     draw(self.batch_size, g)
         rank, size = world()
         if global_ot and rank == 0 and size > 1:
-            print(
+            say(
                 f"flowmatch: coupling.global_ot: one OT assignment per step over the union of {size} ranks' "
                 f"batches ({size} x {self.batch_size} pairs)"
             )

@@ -20,3 +20,15 @@ class PauseAtStep(L.Callback):
             if self.flag:
                 open(self.flag, "w").close()
             time.sleep(self.seconds)
+
+
+class RaiseAtStep(L.Callback):
+    """Raise ``RuntimeError(message)`` once the trainer has finished step ``step``: a fault at run time that is
+    not a user's mistake (like CUDA running out of memory)."""
+
+    def __init__(self, step: int, message: str = "injected fault") -> None:
+        self.step, self.message = int(step), message
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(self.message)
