@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 
-LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_utilities")
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities")
 SWEEP_JOBS_ENV = "FLOWMATCH_SWEEP_JOBS"
 """Set by the preflight of a multirun (``flowmatch.sweeps``): the number of jobs, inherited by every job."""
 SWEEP_KEYS_ENV = "FLOWMATCH_SWEEP_KEYS"
