@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= outputs/demo
+DEMO_ARGS ?=
 export WANDB_MODE ?= offline
 
 .PHONY: help install lint format demo test test-fast test-slow benchmark gpu-check dashboard clean \
@@ -20,11 +21,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv (if missing) and install flowmatch with its dependencies
 
-demo: install  ## 180° rotation, sigma in {0, 0.05}: train both (parallel), figures, gradvar + metrics in $(OUT)
+demo: install  ## 180° rotation, sigma in {0, 0.05}: train both (parallel), figures, gradvar + metrics in $(OUT) (DEMO_ARGS="k=v ..." adds overrides)
 	rm -rf $(OUT)
 	$(BIN)/python train.py --multirun experiment=rotation180 interpolant.sigma=0.0,0.05 callbacks=gradvar \
 	  hydra/launcher=joblib_cpu threads=1 \
-	  hydra.sweep.dir=$(OUT) hydra.sweep.subdir=sigma\$${interpolant.sigma}
+	  hydra.sweep.dir=$(OUT) hydra.sweep.subdir=sigma\$${interpolant.sigma} $(DEMO_ARGS)
 	$(BIN)/python -m flowmatch.plots.rotation $(OUT)
 
 lint: install  ## ruff: lint (pyflakes, pycodestyle, import order, bugbear, pyupgrade) and format check

@@ -110,6 +110,7 @@ TABLES: dict[str, dict[str, Rule]] = {
         "channels": integer(1),
         "image_size": integer(1),
         "holdout": integer(1),
+        "holdout_fraction": number(gt=0, hi=1),
         "upsample": integer(1),
         "n_images": integer(2),
         "hflip": BOOL,

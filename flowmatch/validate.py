@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from flowmatch.config_rules import BINS, TABLES, TASKS, is_int, is_num
 
+IMAGE_FOLDER_HOW = "the folder of your images (data=image_folder: *.png, *.jpg, ... searched recursively)"
 REFLOW_HOW = (
     "make it with `python evaluate.py task=reflow_pairs ckpt_path=RUN/checkpoints/last.ckpt` "
     "(it writes reflow_pairs.pt into its run dir)"
@@ -54,7 +55,7 @@ def missing_values(cfg: DictConfig) -> list[str]:
             if full == "hydra":
                 continue
             if OmegaConf.is_missing(node, key):
-                how = f"; {REFLOW_HOW}" if full == "coupling.pairs_path" else ""
+                how = {"coupling.pairs_path": f"; {REFLOW_HOW}", "data.root": f"; {IMAGE_FOLDER_HOW}"}.get(full, "")
                 out.append(f"{full} is required here (set {full}=...){how}")
             elif isinstance(node._get_node(key), DictConfig):
                 walk(node[key], f"{full}.")

@@ -29,3 +29,20 @@ def run_entry(script: str, *overrides: str, check: bool = True, timeout: int = 3
 
 def read_metrics(run_dir) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def write_pngs(folder, n: int = 6, size: int = 8, channels: int = 3, seed: int = 0) -> list:
+    """Write ``n`` random ``size`` x ``size`` PNG images (RGB or greyscale) under ``folder``; return their pixel
+    arrays (uint8, H x W x C) in file-name order (``img0.png``, ``img1.png``, ...)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+        Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(folder / f"img{i}.png")
+        out.append(pixels)
+    return out

@@ -41,6 +41,7 @@ OFFLINE_DATA = {
     "flowmatch.data.GaussianDataModule",
     "flowmatch.data.DigitsDataModule",
     "flowmatch.data.RandomImageDataModule",
+    "flowmatch.data.ImageFolderDataModule",
 }
 # Lightning strategies that refuse a CPU accelerator.
 GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed")
@@ -60,8 +61,16 @@ def _mandatory_reflow_digits(tmp_path: Path) -> list[str]:
     return [f"coupling.pairs_path={path}"]
 
 
+def _mandatory_image_folder(tmp_path: Path) -> list[str]:
+    from helpers import write_pngs
+
+    write_pngs(tmp_path / "images", n=4)
+    return [f"data.root={tmp_path / 'images'}"]
+
+
 # Options with mandatory values (`???`): the extra overrides (and files) a test gives them.
 MANDATORY = {
+    ("data", "image_folder"): _mandatory_image_folder,
     ("coupling", "reflow"): _mandatory_reflow,
     ("experiment", "paper/table3"): _mandatory_reflow_digits,
     ("experiment", "paper/table3_paper"): _mandatory_reflow,  # CelebA: instantiated only, the file is not read

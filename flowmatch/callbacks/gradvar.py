@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from flowmatch import gradvar as gv
-from flowmatch.callbacks.media import log_image
+from flowmatch.callbacks.media import log_image, sigma_caption
 from flowmatch.gradvar_memory import keep_host_heap
 from flowmatch.interpolants import PathSample
 from flowmatch.keys import gradvar_key, media_key
@@ -235,6 +235,6 @@ class GradientVarianceCallback(L.Callback):
         if self.plot and trainer.is_global_zero and self._csv_path(trainer).exists():
             from flowmatch.plots.gradvar import plot_gradvar
 
-            figures = plot_gradvar(self._csv_path(trainer), Path(trainer.default_root_dir))
+            figures = plot_gradvar(self._csv_path(trainer), Path(trainer.default_root_dir), sigma_caption(pl_module))
             if figures and self.to_loggers:
                 log_image(trainer, media_key("gradvar/heatmap"), figures[0])

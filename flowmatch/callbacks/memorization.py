@@ -36,7 +36,7 @@ import lightning as L
 import torch
 
 from flowmatch import memorization as mem
-from flowmatch.callbacks.media import log_image
+from flowmatch.callbacks.media import log_image, sigma_caption
 from flowmatch.gradvar import TrainModeGuard, bin_edges
 from flowmatch.keys import media_key, mem_key, metric
 from flowmatch.streams import generator
@@ -239,5 +239,5 @@ class MemorizationCallback(L.Callback):
         if self.plot and path.exists():
             from flowmatch.plots.memorization_run import plot_run
 
-            if plot_run(path, path.with_suffix(".png")) is not None:
+            if plot_run(path, path.with_suffix(".png"), caption=sigma_caption(pl_module)) is not None:
                 log_image(trainer, media_key("mem/figure"), path.with_suffix(".png"))

@@ -1,7 +1,8 @@
-"""LightningDataModules serving coupled pairs (x0, x1): ``gaussian``/``gmm`` and image data sets."""
+"""LightningDataModules serving coupled pairs (x0, x1): ``gaussian``/``gmm``, image data sets and a folder of images."""
 
 from flowmatch.data.base import FlowDataModule, PairStream
 from flowmatch.data.gaussian import GaussianDataModule
+from flowmatch.data.image_folder import ImageFolderDataModule
 from flowmatch.data.image_modules import (
     CelebADataModule,
     CIFAR10DataModule,
@@ -18,5 +19,6 @@ __all__ = [
     "CIFAR10DataModule",
     "CelebADataModule",
     "DigitsDataModule",
+    "ImageFolderDataModule",
     "RandomImageDataModule",
 ]

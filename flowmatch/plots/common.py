@@ -38,6 +38,29 @@ def load_run(run: Path) -> tuple[dict, dict]:
     return load_config(run), json.loads((Path(run) / "metrics.json").read_text())
 
 
+def sigma_caption(run: str | Path) -> str:
+    """'σ=0.05' from a run dir's config (``interpolant.sigma``); 'σ unknown' when the run has no config."""
+    path = Path(run) / ".hydra" / "config.yaml"
+    sigma = load_config(Path(run)).get("interpolant", {}).get("sigma") if path.exists() else None
+    return "σ unknown" if sigma is None else f"σ={float(sigma):g}"
+
+
+def sigma_steps_caption(sigmas: Iterable[float], steps: Iterable[int]) -> str:
+    """'σ ∈ {0, 0.05}, after 2000 steps' (one σ: 'σ=0.05'; several step counts: 'after 1000/4000 steps')."""
+    sigmas, steps = sorted({float(s) for s in sigmas}), sorted({int(s) for s in steps})
+    sig = f"σ={sigmas[0]:g}" if len(sigmas) == 1 else "σ ∈ {" + ", ".join(f"{s:g}" for s in sigmas) + "}"
+    return f"{sig}, after {'/'.join(str(s) for s in steps)} steps"
+
+
+def runs_caption(cfgs_metrics: Iterable[tuple[dict, dict]]) -> str:
+    """:func:`sigma_steps_caption` of (config, metrics) pairs of trained runs (``interpolant.sigma``,
+    ``train/global_step``)."""
+    pairs = list(cfgs_metrics)
+    return sigma_steps_caption(
+        (c["interpolant"]["sigma"] for c, _ in pairs), (m.get("train/global_step", -1) for _, m in pairs)
+    )
+
+
 def euler_series(metrics: dict, name: str) -> tuple[list[int], list[float]]:
     """Sorted (K, value) pairs of the keys ``eval/{name}@euler{K}``."""
     prefix = f"eval/{name}@euler"
@@ -96,10 +119,12 @@ def figure_cli(doc: str, argv: list[str] | None = None) -> tuple[Path, Path]:
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110, rect: tuple | None = None) -> Path:
-    """Lay out ``fig`` (``rect`` leaves room for a suptitle), write it to ``path`` and close it."""
+    """Lay out ``fig`` (``rect`` leaves room for a suptitle; a figure made with a layout engine, such as
+    ``layout="constrained"``, keeps its own), write it to ``path`` and close it."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout(**({"rect": rect} if rect else {}))
+    if fig.get_layout_engine() is None:
+        fig.tight_layout(**({"rect": rect} if rect else {}))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -97,6 +97,19 @@ def _text(ax, run, verdict) -> None:
     ax.set_title(str(run.path.name), color=color, fontsize=10, loc="left")
 
 
+def _caption(run) -> str:
+    """'σ=0.05, after 2000 steps' from what the run dir holds (config, metrics.json, else the last probe)."""
+    sigma = ((run.config or {}).get("interpolant") or {}).get("sigma")
+    step = (run.metrics or {}).get("train/global_step")
+    if step is None and run.memorization:
+        step = run.memorization[-1]["step"]
+    return (
+        ("σ unknown" if sigma is None else f"σ={float(sigma):g}")
+        + ", "
+        + ("step unknown" if step is None else f"after {int(step)} steps")
+    )
+
+
 def plot_diagnosis(run, verdict, out: str | Path) -> Path:
     """Draw the page for a loaded run (:class:`flowmatch.diagnose.Run`) and its verdict into ``out``."""
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
@@ -116,7 +129,7 @@ def plot_diagnosis(run, verdict, out: str | Path) -> Path:
     if not _pair_vs_euler(axes[1, 0], run):
         _missing(axes[1, 0], "no eval/pair_acc@euler keys\n(metrics.json, eval_steps/, memorization.csv)")
     _text(axes[1, 2], run, verdict)
-    fig.suptitle(f"diagnosis of {run.path}", fontsize=10)
+    fig.suptitle(f"diagnosis of {run.path} ({_caption(run)})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

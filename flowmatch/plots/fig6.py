@@ -31,7 +31,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from flowmatch.analysis.stats import mean_spread  # noqa: E402
-from flowmatch.plots.common import euler_series, figure_cli, find_jobs, load_run, save_figure, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import (  # noqa: E402
+    euler_series,
+    figure_cli,
+    find_jobs,
+    load_run,
+    save_figure,
+    sigma_steps_caption,
+    write_csv,
+    write_json,
+)
 
 METRICS = ("pair_acc", "l2_partner", "l2_ot")
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -218,7 +227,10 @@ def plot(rows: list[dict], out: Path) -> None:
         fontsize=8.5,
         va="bottom",
     )
-    fig.suptitle("Fig. 6: 180° rotation — memorized pairing only in a coarse-integration window", fontsize=13)
+    caption = sigma_steps_caption((r["sigma"] for r in rows), (r["train_step"] for r in rows))
+    fig.suptitle(
+        f"Fig. 6: 180° rotation — memorized pairing only in a coarse-integration window\n({caption})", fontsize=13
+    )
     save_figure(fig, out, dpi=120)
 
 

@@ -41,7 +41,16 @@ from flowmatch.analysis.verdicts import (  # noqa: E402
     sigma_verdicts,
     tilt,
 )
-from flowmatch.plots.common import figure_cli, find_jobs, load_config, read_csv, save_figure, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import (  # noqa: E402
+    figure_cli,
+    find_jobs,
+    load_config,
+    read_csv,
+    save_figure,
+    sigma_steps_caption,
+    write_csv,
+    write_json,
+)
 
 SOURCES = {"interpolant": "gradvar.csv", "integrated": "gradvar_integrated.csv"}
 COLORS = {0.0: "tab:red", 0.05: "tab:blue"}
@@ -214,7 +223,8 @@ def plot(records: list[dict], peaks: dict, sigmas_v: dict, out: Path) -> None:
     ax.text(0.0, 1.0, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=9, family="monospace")
     fig.suptitle(
         "Item 10: per-time-bin gradient variance of forward (noise→data) and backward (data→noise) fields on digits\n"
-        "(expected: forward peaks near t = 1, backward near t = 0; σ = 0.05 lower than σ = 0 on integrated samples)",
+        "(expected: forward peaks near t = 1, backward near t = 0; σ = 0.05 lower than σ = 0 on integrated samples); "
+        f"{sigma_steps_caption(sigmas, [max(r['step'] for r in records)])}",
         fontsize=12,
     )
     save_figure(fig, out, rect=(0, 0, 1, 0.95))

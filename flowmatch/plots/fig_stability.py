@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from flowmatch.analysis.stats import mean_spread  # noqa: E402
 from flowmatch.analysis.verdicts import CRITERION_K, stability_verdicts  # noqa: E402
-from flowmatch.plots.common import figure_cli, read_csv, save_figure, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, load_run, read_csv, save_figure, write_csv, write_json  # noqa: E402
 
 DIR_COLORS = {"forward": "tab:purple", "backward": "tab:green"}
 METHOD_STYLES = {"euler": "-", "midpoint": "--", "rk4": ":"}
@@ -156,8 +156,16 @@ def _select(rows, **where):
     return [r for r in rows if all(r[k] == v for k, v in where.items())]
 
 
-def plot(agg: list[dict], profiles: list[dict], summary: dict, out: Path) -> None:
-    """Draw fig-stability.png (module docstring)."""
+def trained_steps(rows: list[dict]) -> str:
+    """'after N steps' (or 'after A/B steps'): the training steps of the checkpoints behind a stability.csv."""
+    runs = {Path(str(r["ckpt_path"])).parent.parent for r in rows}
+    done = [run for run in runs if (run / "metrics.json").exists()]
+    steps = sorted({int(load_run(run)[1].get("train/global_step", -1)) for run in done})
+    return f"after {'/'.join(map(str, steps))} steps" if steps else "steps unknown"
+
+
+def plot(agg: list[dict], profiles: list[dict], summary: dict, out: Path, caption: str = "") -> None:
+    """Draw fig-stability.png (module docstring); ``caption`` (the checkpoints' training steps) ends the title."""
     datasets = sorted({r["data"] for r in agg}, key=lambda d: d != "gmm")
     fig, axes = plt.subplots(len(datasets), 3, figsize=(17, 4.8 * len(datasets) + 1.2), squeeze=False)
     for row, data in enumerate(datasets):
@@ -268,7 +276,7 @@ def plot(agg: list[dict], profiles: list[dict], summary: dict, out: Path) -> Non
     fig.text(0.01, 0.005, "\n".join(lines), fontsize=8, family="monospace", va="bottom")
     fig.suptitle(
         "Item 11: sampling stability of forward (noise→data) vs backward (data→noise) flows,\n"
-        "next to the gradient variance of the same models",
+        f"next to the gradient variance of the same models; checkpoints {caption or 'of unknown step'}",
         fontsize=12,
     )
     save_figure(fig, out, rect=(0, 0.012 * (len(lines) + 1), 1, 0.96))
@@ -285,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     if profiles:
         write_csv(out / "fig-stability_gradvar.csv", profiles)
     write_json(out / "summary.json", {"checkpoints": len({r["ckpt_path"] for r in rows}), "criteria": summary})
-    plot(agg, profiles, summary, out / "fig-stability.png")
+    plot(agg, profiles, summary, out / "fig-stability.png", trained_steps(rows))
     print(f"flowmatch: fig-stability from {len(rows)} rows: {out / 'fig-stability.png'}, CSVs, summary.json")
 
 

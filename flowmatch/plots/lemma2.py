@@ -107,6 +107,12 @@ def verdicts(rows: list[dict]) -> dict:
     return out
 
 
+def _steps(rows: list[dict]) -> str:
+    """'after N steps' (or 'after A/B steps') of the flows whose ReFlow pairs ``rows`` describe."""
+    steps = sorted({int(load_run(Path(r["train_run"]))[1].get("train/global_step", -1)) for r in rows})
+    return f"after {'/'.join(map(str, steps))} steps"
+
+
 def plot(rows: list[dict], out: Path) -> None:
     """Scatter panels (sources, then one per run) and the L2 bars."""
     fig = plt.figure(figsize=(3.2 * (len(rows) + 1), 7.4), layout="constrained")
@@ -116,7 +122,7 @@ def plot(rows: list[dict], out: Path) -> None:
     x0 = first["x0"].numpy()
     hue = (np.arctan2(x0[:, 1], x0[:, 0]) + np.pi) / (2 * np.pi)
     axes[0].scatter(x0[:, 0], x0[:, 1], c=hue, cmap="hsv", s=3)
-    axes[0].set_title("sources x0\n(colour: polar angle of x0)", fontsize=9)
+    axes[0].set_title("sources x0 = OT partner − μ\n(colour: polar angle of x0)", fontsize=9)
     shown = [np.abs(x0)]
     for ax, r in zip(axes[1:], rows):
         state = torch.load(Path(r["pairs_run"]) / "reflow_pairs.pt", map_location="cpu")
@@ -134,7 +140,7 @@ def plot(rows: list[dict], out: Path) -> None:
         )
     lim = max(4.0, 1.1 * float(np.quantile(np.concatenate([v.ravel() for v in shown]), 0.995)))
     for ax in axes:
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="coordinate 1", ylabel="coordinate 2")
         ax.grid(alpha=0.3)
     ax = bottom.subplots(1, 1)
     x = np.arange(len(rows))
@@ -144,13 +150,17 @@ def plot(rows: list[dict], out: Path) -> None:
         vals, errs = [r[key] for r in rows], [r[key + "_std"] for r in rows]
         ax.bar(x + (j - 0.5) * 0.38, vals, 0.36, yerr=errs, color=color, alpha=0.85, capsize=3, label=label)
     ax.set_xticks(x, [f"{r['angle']:g}°, σ = {r['sigma']:g}\nratio {r['ratio_rotated_over_ot']:.3f}" for r in rows])
-    ax.set(ylabel="L2 from Φ(x0) (mean ± std over sources)", title="ReFlow output vs the training coupling and OT")
+    ax.set(
+        xlabel="coupling angle, σ",
+        ylabel="L2 from Φ(x0) (mean ± std over sources)",
+        title="ReFlow output vs the training coupling and OT",
+    )
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.suptitle(
         "Lemma 2: ReFlow of a rotated Gaussian coupling (fresh pairs). Expected: σ = 0 at 90° returns the rotation "
         "(lines never cross);\n180° (all lines cross at t = 1/2) cannot; σ > 0 moves toward OT by the closed-form "
-        "angle Θ(σ)",
+        f"angle Θ(σ); flows trained {_steps(rows)}",
         fontsize=10,
     )
     fig.savefig(out, dpi=110)

@@ -165,7 +165,8 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.axis("off")
     fig.suptitle(
         f"memorization alarm ({rows[0]['signal']} gap >= {rows[0]['threshold']:g}; red: alarm, green dashed: "
-        f"pair accuracy >= {PAIR_LEVEL}; right axis: pair accuracy, training solid, held-out dashed)",
+        f"pair accuracy >= {PAIR_LEVEL}; right axis: pair accuracy, training solid, held-out dashed; "
+        f"last probe after {'/'.join(str(s) for s in sorted({r['steps'] for r in rows}))} steps)",
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.97))

@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flowmatch.plots.common import save_figure, sigma_caption  # noqa: E402
+
 PAIR_LEVEL = 0.9  # the pair accuracy called "memorized" (the issue's pair_acc@euler7 >= 0.9)
 
 
@@ -129,18 +131,25 @@ def mark_alarm(axes, rows: list[dict]) -> None:
         ax.legend(fontsize=7)
 
 
-def plot_run(csv_path: str | Path, out: str | Path, title: str = "") -> Path | None:
-    """memorization.png of one run (module docstring); None when the CSV holds no probe."""
-    rows = read_memorization(csv_path)
-    if not rows:
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+def run_figure(rows: list[dict], title: str, caption: str):
+    """Figure: the three panels of memorization.png (module docstring); the title names σ (``caption``) and
+    the probes' steps."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     draw_ratios(axes[0], rows, "loss", "loss")
     draw_ratios(axes[1], rows, "var", "gradient variance")
     draw_pair_acc(axes[2], rows)
     mark_alarm(axes, rows)
-    fig.suptitle(title or f"memorization probe: {Path(csv_path).parent.name}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    steps = [int(r["step"]) for r in rows]
+    fig.suptitle(f"{title}: {caption}, probes at steps {min(steps)}–{max(steps)}", fontsize=10)
+    return fig
+
+
+def plot_run(csv_path: str | Path, out: str | Path, title: str = "", caption: str = "") -> Path | None:
+    """memorization.png of one run (module docstring); None when the CSV holds no probe. ``caption`` names the
+    run's σ (default: read from the run dir's config)."""
+    rows = read_memorization(csv_path)
+    if not rows:
+        return None
+    run = Path(csv_path).parent
+    fig = run_figure(rows, title or f"memorization probe: {run.name}", caption or sigma_caption(run))
+    return save_figure(fig, out, rect=(0, 0, 1, 0.95))

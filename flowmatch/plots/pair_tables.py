@@ -22,7 +22,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from flowmatch.plots.common import load_run  # noqa: E402
+from flowmatch.plots.common import load_run, sigma_steps_caption  # noqa: E402
 
 NAN = float("nan")
 PARTNER_COLOR, OT_COLOR = "tab:red", "tab:blue"
@@ -122,6 +122,6 @@ def plot_pair_table(
                 _grid(grid_axes[gi, si], match[0], partner_label, f"{grid_name(g)}, σ = {s:g}")
             else:
                 grid_axes[gi, si].axis("off")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}\n({sigma_steps_caption(sigmas, (r['steps'] for r in rows))})", fontsize=10)
     fig.savefig(out, dpi=110)
     plt.close(fig)

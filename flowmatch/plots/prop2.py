@@ -31,6 +31,7 @@ from flowmatch.plots.common import (  # noqa: E402
     load_run,
     read_csv,
     save_figure,
+    sigma_steps_caption,
     write_csv,
     write_json,
 )
@@ -187,7 +188,8 @@ def plot(rows: list[dict], curves: dict, out: Path) -> None:
     n = rows[0]["n_pairs"]
     fig.suptitle(
         f"Prop. 2: {n} fixed random pairs N(0, I) → Gaussian mixture\n(predicted: σ = 0 memorizes the pairing; "
-        "σ = 0.05 and fresh sources (chance control) do not)",
+        f"σ = 0.05 and fresh sources (chance control) do not); "
+        f"{sigma_steps_caption((r['sigma'] for r in rows), (r['steps'] for r in rows))}",
         fontsize=10,
     )
     save_figure(fig, out, dpi=110, rect=(0, 0, 1, 0.95))

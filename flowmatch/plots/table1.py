@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flowmatch.analysis.stats import mean_spread, one_sided_paired_test  # noqa: E402
-from flowmatch.plots.common import figure_cli, find_jobs, load_run, save_figure, write_csv, write_json  # noqa: E402
+from flowmatch.plots.common import figure_cli, find_jobs, load_run, runs_caption, save_figure, write_csv, write_json  # noqa: E402
 
 # The paper's Table 1: (sigma, d) -> (memorization MMD, generalization MMD).
 PAPER = {
@@ -137,8 +137,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], out: Path) -> None:
-    """Bars of both MMDs per d and sigma with seed-std error bars, the paper's values as markers (PNG ``out``)."""
+def plot(rows: list[dict], out: Path, caption: str = "") -> None:
+    """Bars of both MMDs per d and sigma with seed-std error bars, the paper's values as markers (PNG ``out``);
+    ``caption`` (σ and the training steps) ends the title."""
     dims = sorted({r["d"] for r in rows})
     sigmas = sorted({r["sigma"] for r in rows})
     colors = dict(zip(sigmas, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
@@ -162,11 +163,12 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.set_yscale("symlog", linthresh=min(positive) / 10 if positive else 1e-7)
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(np.arange(len(dims)), [f"d = {d}" for d in dims])
-        ax.set(ylabel=f"{title} (symlog)", title=f"{title}: mean ± std over seeds")
+        ax.set(xlabel="data dimension d", ylabel=f"{title} (symlog)", title=f"{title}: mean ± std over seeds")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     fig.suptitle(
         "Table 1: Gaussian mixture, fixed pairs (paper: σ = 0 lower mem. MMD², σ = 0.05 lower or equal gen. MMD²)"
+        + (f"\n{caption}" if caption else "")
     )
     save_figure(fig, out, dpi=120)
 
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "table1.md").write_text(markdown(rows))
     per_seed = {f"sigma={s:g},d={d}": {str(k): v for k, v in seeds.items()} for (s, d), seeds in sorted(runs.items())}
     write_json(out / "summary.json", {"rows": rows, "per_seed": per_seed, "orderings": verdicts(runs)})
-    plot(rows, out / "table1.png")
+    jobs = [j for j in find_jobs(runs_dir) if (j / "metrics.json").exists()]
+    plot(rows, out / "table1.png", runs_caption(load_run(j) for j in jobs))
     print(f"flowmatch: table1 CSV, markdown, figure and summary in {out}")
     print(markdown(rows))
 
