@@ -409,7 +409,6 @@ def check_analysis(cfg, tmp_path):
         check_field(cfg, tmp_path)
 
 
-@pytest.mark.parametrize("group,option", CASES)
 def check_logging_config(config: dict, tmp_path) -> None:
     """A logging option is a valid ``logging.config.dictConfig`` (its log file put in ``tmp_path``) whose handlers
     write what they are given."""
@@ -434,6 +433,7 @@ def check_logging_config(config: dict, tmp_path) -> None:
         assert "hello from the test" in (tmp_path / "job.log").read_text()
 
 
+@pytest.mark.parametrize("group,option", CASES)
 def test_option(group, option, tmp_path):
     primary, in_defaults = _primary_for(group)
     if _entry(group, option):
