@@ -91,7 +91,8 @@ def _padded(counts: list[int], ks: list[int], dev, all_bins: bool = False) -> Bl
     """The block of bins ``ks`` (``all_bins``: every bin of the chunk, in order), padded to the largest of them
     rounded up to a multiple of ``PAD_TO`` rows."""
     starts = [sum(counts[:k]) for k in range(len(counts))]
-    n = -(-max(max(counts[k] for k in ks), 1) // PAD_TO) * PAD_TO
+    n = max(max(counts[k] for k in ks), 1)
+    n = n if n <= PAD_TO else -(-n // PAD_TO) * PAD_TO
     slots = [j * n + i for j, k in enumerate(ks) for i in range(counts[k])]
     rows = [starts[k] + i for k in ks for i in range(counts[k])]
     mask = torch.tensor([[[float(i < counts[k])] for i in range(n)] for k in ks], device=dev)

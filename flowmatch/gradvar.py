@@ -62,6 +62,7 @@ ENGINES = ("hooks", "vmap", "loop")
 _FUNCS = {"vmap": vmap_engine, "loop": loop_engine}
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: engine, estimate or plan}
 _KEY = "callbacks.gradvar.bins"
+_EDGES: dict[int, Tensor] = {}  # bin count -> its edges, for bin_sums (never handed out: BinSums gets a copy)
 
 
 def bin_edges(bins) -> Tensor:
@@ -226,7 +227,11 @@ def bin_sums(
     budget_ok = isinstance(memory_budget_mib, numbers.Real) and not isinstance(memory_budget_mib, bool)
     if memory_budget_mib is not None and not (budget_ok and memory_budget_mib > 0):
         raise ValueError(f"memory_budget_mib must be a number > 0 (MiB) or None, got {memory_budget_mib!r}")
-    e = bin_edges(edges)
+    e = _EDGES.get(edges) if type(edges) is int else None  # a bin count (an int, not a bool)
+    if e is None:
+        e = bin_edges(edges)
+        if type(edges) is int and len(_EDGES) < 64:
+            _EDGES[edges] = e
     if not isinstance(probe, PathSample):
         raise ValueError(f"probe must be a flowmatch.interpolants.PathSample, got {type(probe).__name__}")
     B = len(probe)
@@ -255,9 +260,9 @@ def bin_sums(
                 one = len(plan.specs) == 1 and plan.specs[0].end == len(path)
                 chunks = (Chunk(path if one else path[s.start : s.end], s) for s in plan.specs)
                 out = accumulate(engine, job, *new_sums(e, layout, dev, name, keep_sums), chunks, plan)
+                amp = dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)
                 out.info = {"engine": name, "chunk_size": cs, "chunk_size_setting": chunk_size}
                 out.info.update(n_chunks=len(plan.specs), keep_sums=keep_sums, device=str(dev), **est)
-                amp = dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)
                 out.info.update(dtype=str(p0.dtype) if p0 is not None else None, autocast=amp)
                 return out
             except RuntimeError as err:  # HooksUnsupported, or vmap's "not supported" errors

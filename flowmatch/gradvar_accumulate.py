@@ -57,7 +57,15 @@ def new_sums(edges: Tensor, layout: Layout, device, method: str, keep: bool) -> 
     both = table[:, 3 + G :].view(K, 2, N)
     flat = torch.zeros(K * sum(layout.sizes), dtype=torch.float64, device=device) if keep else None
     cols = table[:, :3].T
-    out = BinSums(edges.double().cpu(), *cols, table[:, 3 : 3 + G], flat, layout, method, None if keep else both[:, 1])
+    out = BinSums(
+        edges.to("cpu", torch.float64, copy=True),
+        *cols,
+        table[:, 3 : 3 + G],
+        flat,
+        layout,
+        method,
+        None if keep else both[:, 1],
+    )
     return out, both
 
 
