@@ -44,8 +44,9 @@ F64 = torch.float64
 # measured at <= 3e-7 S (Gram) and 1.4e-6 S (direct), so grad_var stays within ~4e-5 of exact
 KAPPA_MAX = {torch.float64: (1e8, 1e8), torch.float32: (128.0, 16.0)}
 MAX_PAD = 4  # one padded block per size class of the bins when a single block would exceed MAX_PAD x the rows
-# padded bins hold a multiple of this many rows: batched Gram products of n x n blocks run up to 2x faster for n
-# a multiple of 8 (CPU, MKL: n = 37 -> 40 rows, 410 -> 334 us for 30 blocks of width 256)
+# padded bins of more than PAD_TO rows hold a multiple of PAD_TO rows: MKL's batched products of n x n blocks are
+# faster for such n (single thread, blocks of width 256: n = 37 -> 40 rows 410 -> 334 us for 30 blocks, 12 -> 16
+# rows -25%; measured slower for 10 -> 16 (+10%) and 20 -> 24 (+23%), kept for one simple rule)
 PAD_TO = 8
 
 
@@ -67,7 +68,8 @@ class Blocks:
 
 def blocks_for(rows: Rows) -> tuple[Blocks, ...]:
     """The block layouts of ``rows`` (cached on it): one block padded to the largest bin when that is at most
-    ``MAX_PAD`` x the rows, else one per size class 2^(j-1) < n <= 2^j of the non-empty bins (padding < 2x)."""
+    ``MAX_PAD`` x the rows, else one per size class 2^(j-1) < n <= 2^j of the non-empty bins (padding < 2x; the bins
+    of at most 8 rows share one class)."""
     got = rows.cache.get("blocks")
     if got is not None:
         return got
@@ -81,7 +83,7 @@ def blocks_for(rows: Rows) -> tuple[Blocks, ...]:
         classes: dict[int, list[int]] = {}
         for k, c in enumerate(counts):
             if c:
-                classes.setdefault((c - 1).bit_length(), []).append(k)
+                classes.setdefault(max((c - 1).bit_length(), 3), []).append(k)
         out = tuple(_padded(counts, ks, dev) for ks in classes.values())
     rows.cache["blocks"] = out
     return out
@@ -89,7 +91,7 @@ def blocks_for(rows: Rows) -> tuple[Blocks, ...]:
 
 def _padded(counts: list[int], ks: list[int], dev, all_bins: bool = False) -> Blocks:
     """The block of bins ``ks`` (``all_bins``: every bin of the chunk, in order), padded to the largest of them
-    rounded up to a multiple of ``PAD_TO`` rows."""
+    rounded up to a multiple of ``PAD_TO`` rows when larger than ``PAD_TO``."""
     starts = [sum(counts[:k]) for k in range(len(counts))]
     n = max(max(counts[k] for k in ks), 1)
     n = n if n <= PAD_TO else -(-n // PAD_TO) * PAD_TO
