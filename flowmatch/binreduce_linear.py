@@ -44,9 +44,9 @@ F64 = torch.float64
 # measured at <= 3e-7 S (Gram) and 1.4e-6 S (direct), so grad_var stays within ~4e-5 of exact
 KAPPA_MAX = {torch.float64: (1e8, 1e8), torch.float32: (128.0, 16.0)}
 MAX_PAD = 4  # one padded block per size class of the bins when a single block would exceed MAX_PAD x the rows
-# padded bins of more than PAD_TO rows hold a multiple of PAD_TO rows: MKL's batched products of n x n blocks are
-# faster for such n (single thread, blocks of width 256: n = 37 -> 40 rows 410 -> 334 us for 30 blocks, 12 -> 16
-# rows -25%; measured slower for 10 -> 16 (+10%) and 20 -> 24 (+23%), kept for one simple rule)
+# a padded bin of n > PAD_TO rows is rounded up to a multiple of PAD_TO when that adds 1-5 rows (n % 8 >= 3): MKL's
+# batched n x n products (one thread, widths 64 and 256, 60 blocks) then take 0.33-0.95x the time of the exact n
+# (n = 37 -> 40: 0.81x); adding 6-7 rows (n % 8 = 1, 2) made them 1.1-1.36x slower, so those stay exact
 PAD_TO = 8
 
 
@@ -91,10 +91,10 @@ def blocks_for(rows: Rows) -> tuple[Blocks, ...]:
 
 def _padded(counts: list[int], ks: list[int], dev, all_bins: bool = False) -> Blocks:
     """The block of bins ``ks`` (``all_bins``: every bin of the chunk, in order), padded to the largest of them
-    rounded up to a multiple of ``PAD_TO`` rows when larger than ``PAD_TO``."""
+    rounded up to a multiple of ``PAD_TO`` rows when larger than ``PAD_TO`` and at most 5 rows short of one."""
     starts = [sum(counts[:k]) for k in range(len(counts))]
     n = max(max(counts[k] for k in ks), 1)
-    n = n if n <= PAD_TO else -(-n // PAD_TO) * PAD_TO
+    n = n if n <= PAD_TO or n % PAD_TO < 3 else -(-n // PAD_TO) * PAD_TO
     slots = [j * n + i for j, k in enumerate(ks) for i in range(counts[k])]
     rows = [starts[k] + i for k in ks for i in range(counts[k])]
     mask = torch.tensor([[[float(i < counts[k])] for i in range(n)] for k in ks], device=dev)
