@@ -44,6 +44,10 @@ F64 = torch.float64
 # measured at <= 3e-7 S (Gram) and 1.4e-6 S (direct), so grad_var stays within ~4e-5 of exact
 KAPPA_MAX = {torch.float64: (1e8, 1e8), torch.float32: (128.0, 16.0)}
 MAX_PAD = 4  # one padded block per size class of the bins when a single block would exceed MAX_PAD x the rows
+# a padded bin of n > PAD_TO rows is rounded up to a multiple of PAD_TO when that adds 1-5 rows (n % 8 >= 3): MKL's
+# batched n x n products (one thread, widths 64 and 256, 60 blocks) then take 0.33-0.95x the time of the exact n
+# (n = 37 -> 40: 0.81x); adding 6-7 rows (n % 8 = 1, 2) made them 1.1-1.36x slower, so those stay exact
+PAD_TO = 8
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class Blocks:
 
 def blocks_for(rows: Rows) -> tuple[Blocks, ...]:
     """The block layouts of ``rows`` (cached on it): one block padded to the largest bin when that is at most
-    ``MAX_PAD`` x the rows, else one per size class 2^(j-1) < n <= 2^j of the non-empty bins (padding < 2x)."""
+    ``MAX_PAD`` x the rows, else one per size class 2^(j-1) < n <= 2^j of the non-empty bins (padding < 2x; the bins
+    of at most 8 rows share one class)."""
     got = rows.cache.get("blocks")
     if got is not None:
         return got
@@ -78,16 +83,18 @@ def blocks_for(rows: Rows) -> tuple[Blocks, ...]:
         classes: dict[int, list[int]] = {}
         for k, c in enumerate(counts):
             if c:
-                classes.setdefault((c - 1).bit_length(), []).append(k)
+                classes.setdefault(max((c - 1).bit_length(), 3), []).append(k)
         out = tuple(_padded(counts, ks, dev) for ks in classes.values())
     rows.cache["blocks"] = out
     return out
 
 
 def _padded(counts: list[int], ks: list[int], dev, all_bins: bool = False) -> Blocks:
-    """The block of bins ``ks`` (``all_bins``: every bin of the chunk, in order), padded to the largest of them."""
+    """The block of bins ``ks`` (``all_bins``: every bin of the chunk, in order), padded to the largest of them
+    rounded up to a multiple of ``PAD_TO`` rows when larger than ``PAD_TO`` and at most 5 rows short of one."""
     starts = [sum(counts[:k]) for k in range(len(counts))]
     n = max(max(counts[k] for k in ks), 1)
+    n = n if n <= PAD_TO or n % PAD_TO < 3 else -(-n // PAD_TO) * PAD_TO
     slots = [j * n + i for j, k in enumerate(ks) for i in range(counts[k])]
     rows = [starts[k] + i for k in ks for i in range(counts[k])]
     mask = torch.tensor([[[float(i < counts[k])] for i in range(n)] for k in ks], device=dev)
@@ -97,20 +104,24 @@ def _padded(counts: list[int], ks: list[int], dev, all_bins: bool = False) -> Bl
     return Blocks(bins, n, torch.tensor(slots, device=dev), rows_t, count, mask)
 
 
-def stack_factors(xs: list[Tensor], blk: Blocks, dtype) -> Tensor:
+def stack_factors(xs: list[Tensor], blk: Blocks, dtype, out: Tensor | None = None) -> Tensor:
     """(L, Kg, n, W) the rows (R, w_l) of each layer laid out as ``blk``'s blocks, in ``dtype``, zero-padded to
-    the widest layer W (one stack for equal bins and widths, else a zeroed buffer written layer by layer)."""
-    W, Kg = max(x.shape[1] for x in xs), blk.count.shape[0]
+    the widest layer W: a view of the rows for one layer of full width, a stack for equal bins and widths, else
+    the rows written layer by layer into ``out`` ((L, Kg * n, W), whose padding must be zero: it is never written,
+    so a buffer kept from an earlier call with the same layout can be reused) or into a zeroed buffer."""
+    W, Kg, L = max(x.shape[1] for x in xs), blk.count.shape[0], len(xs)
     if blk.slots is None and all(x.shape[1] == W and x.dtype == dtype for x in xs):
-        return torch.stack(xs).view(len(xs), Kg, blk.n, W)
-    out = xs[0].new_zeros(len(xs), Kg * blk.n, W, dtype=dtype)
+        if L == 1 and out is None:
+            return xs[0].view(1, Kg, blk.n, W)
+        return (torch.stack(xs) if out is None else torch.stack(xs, out=out)).view(L, Kg, blk.n, W)
+    out = xs[0].new_zeros(L, Kg * blk.n, W, dtype=dtype) if out is None else out
     for j, x in enumerate(xs):
         dst = out[j, :, : x.shape[1]]
         if blk.slots is None:
             dst.copy_(x)
         else:
             dst.index_copy_(0, blk.slots, (x if blk.rows is None else x.index_select(0, blk.rows)).to(dtype))
-    return out.view(len(xs), Kg, blk.n, W)
+    return out.view(L, Kg, blk.n, W)
 
 
 def _centre(X: Tensor, blk: Blocks, inv_n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,38 +140,53 @@ def _centre(X: Tensor, blk: Blocks, inv_n: Tensor) -> tuple[Tensor, Tensor, Tens
     return c64, c64.to(X.dtype), dev
 
 
-def _gram_form(n: int, Wo: int, Wi: int) -> bool:
+def gram_form(n: int, Wo: int, Wi: int) -> bool:
     """||M||^2 by Gram matrices when they need fewer multiply-adds (measured crossover on a CPU: n (Wo + Wi) below
     ~3/4 of Wo Wi)."""
     return 4 * n * (Wo + Wi) < 3 * Wo * Wi
 
 
-def plain_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None) -> Tensor:
-    """(4, L, Kg) float64: weight S_w, ||sum g||^2, bias S_b, ||sum g||^2 per layer and bin, from products of the
+def _sqnorm(x: Tensor, dim: int) -> Tensor:
+    """Squared Euclidean norms of x along ``dim``, in x's dtype."""
+    return torch.linalg.vector_norm(x, dim=dim).square_()
+
+
+def plain_stats(A: Tensor, D: Tensor, blk: Blocks, pair: Tensor | None = None) -> Tensor:
+    """(6, L, Kg) float64 per layer and bin: weight S_w and ||sum g||^2, bias S_b and ||sum g||^2 with the bias on
+    D's side, then with the bias on A's side (a layer whose input and output are exchanged), from products of the
     factors themselves (no centring: the rounding of every term is relative to S, so V = S - ||sum g||^2 / n is
-    accurate only while S / V is moderate; :func:`linear_stats` checks that). ``swap`` (L, 1) bool: layers whose
-    bias gradient is A's rows (input and output exchanged), None for none."""
+    accurate only while S / V is moderate; :func:`pass_stats` checks that). Padding rows and columns are zero.
+    ``pair``: the (2, L, Kg, n, W) stack [D, A] of which D and A are views, when there is one (equal widths):
+    each product then runs once for both."""
     L, Kg, n, Wi = A.shape
-    Wo = D.shape[3]
-    dl, al = D.view(L * Kg, n, Wo), A.view(L * Kg, n, Wi)
-    if _gram_form(n, Wo, Wi):  # row norms on the diagonals, ||sum d||^2 = sum of all entries
-        Gd, Ga = torch.bmm(dl, dl.transpose(1, 2)), torch.bmm(al, al.transpose(1, 2))
-        dn, an = Gd.diagonal(0, 1, 2), Ga.diagonal(0, 1, 2)
-        M2, B2 = torch.linalg.vecdot(Gd.view(L * Kg, -1), Ga.view(L * Kg, -1)), Gd.sum((1, 2))
-        B2a = Ga.sum((1, 2)) if swap is not None else None
+    Wo, LK = D.shape[3], L * Kg
+    X = pair
+    if gram_form(n, Wo, Wi):  # row norms on the diagonals, ||sum d||^2 = sum of all entries
+        if X is not None:
+            X = X.reshape(2 * LK, n, Wo)
+            G = torch.bmm(X, X.transpose(1, 2)).view(2, LK, n, n)
+        else:
+            dl, al = D.view(LK, n, Wo), A.view(LK, n, Wi)
+            G = torch.stack([torch.bmm(dl, dl.transpose(1, 2)), torch.bmm(al, al.transpose(1, 2))])
+        rn, tot = G.diagonal(0, 2, 3), G.sum((2, 3))  # (2, LK, n) row norms, (2, LK) ||sum of rows||^2
+        M2 = torch.linalg.vecdot(G[0].view(LK, -1), G[1].view(LK, -1))
     else:
-        dn, an = torch.linalg.vector_norm(dl, dim=2).square_(), torch.linalg.vector_norm(al, dim=2).square_()
-        M2 = torch.linalg.vector_norm(torch.bmm(al.transpose(1, 2), dl).view(L * Kg, -1), dim=1).square_()
-        sd, sa = dl.sum(1), (al.sum(1) if swap is not None else None)
-        B2, B2a = torch.linalg.vecdot(sd, sd), (torch.linalg.vecdot(sa, sa) if swap is not None else None)
-    out = torch.stack([torch.linalg.vecdot(dn, an), M2, dn.sum(1), B2]).to(F64).view(4, L, Kg)
-    if swap is not None:
-        out[2:] = torch.where(swap, torch.stack([an.sum(1), B2a]).to(F64).view(2, L, Kg), out[2:])
-    return out
+        if X is not None:
+            X = X.view(2, LK, n, Wo)
+            rn, tot = _sqnorm(X, 3), _sqnorm(X.sum(2), 2)
+            dl, al = X[0], X[1]
+        else:
+            dl, al = D.view(LK, n, Wo), A.view(LK, n, Wi)
+            rn = torch.stack([_sqnorm(dl, 2), _sqnorm(al, 2)])
+            tot = torch.stack([_sqnorm(dl.sum(1), 1), _sqnorm(al.sum(1), 1)])
+        M2 = _sqnorm(torch.bmm(al.transpose(1, 2), dl).view(LK, -1), 1)
+    Sr = rn.sum(2)  # (2, LK): sum of the row norms of D, of A
+    out = torch.stack([torch.linalg.vecdot(rn[0], rn[1]), M2, Sr[0], tot[0], Sr[1], tot[1]])
+    return out.to(F64).view(6, L, Kg)
 
 
-def centred_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None) -> Tensor:
-    """(4, L, Kg) float64 as :func:`plain_stats`, from the bin-centred factors (module docstring): V keeps the
+def centred_stats(A: Tensor, D: Tensor, blk: Blocks) -> Tensor:
+    """(6, L, Kg) float64 as :func:`plain_stats`, from the bin-centred factors (module docstring): V keeps the
     factors' relative precision however much the mean gradient dominates."""
     L, Kg, n, Wi = A.shape
     Wo = D.shape[3]
@@ -174,7 +200,7 @@ def centred_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None)
     t1, t2 = torch.add(x, p, alpha=2), torch.add(y, q, alpha=2)
     X, Y, T1, T2, T12, PQ = torch.stack([x, y, t1, t2, t1 * t2, p * q]).sum(3, dtype=F64)
     dl, al = delta.view(L * Kg, n, Wo), alpha.view(L * Kg, n, Wi)
-    if _gram_form(n, Wo, Wi):
+    if gram_form(n, Wo, Wi):
         Gd, Ga = torch.bmm(dl, dl.transpose(1, 2)), torch.bmm(al, al.transpose(1, 2))
         M2 = torch.linalg.vecdot(Gd.view(L, Kg, -1), Ga.view(L, Kg, -1))
     else:
@@ -182,25 +208,53 @@ def centred_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None)
     cc, ee = torch.linalg.vecdot(c, c), torch.linalg.vecdot(ca, ca)
     S_w = torch.addcmul(T12, cc * cnt, ee).addcmul_(cc, T2).addcmul_(ee, T1)
     V_w = (T12 - 2 * PQ).addcmul_(cc, Y).addcmul_(ee, X).sub_(M2.to(F64) * inv_n[:, 0])
-    S_b, V_b = torch.addcmul(T1, cc, cnt), X
-    if swap is not None:
-        S_b, V_b = torch.where(swap, torch.addcmul(T2, ee, cnt), S_b), torch.where(swap, Y, X)
-    return torch.stack([S_w, (S_w - V_w).mul_(cnt), S_b, (S_b - V_b).mul_(cnt)])
+    S_d, S_a = torch.addcmul(T1, cc, cnt), torch.addcmul(T2, ee, cnt)
+    return torch.stack([S_w, (S_w - V_w).mul_(cnt), S_d, (S_d - X).mul_(cnt), S_a, (S_a - Y).mul_(cnt)])
 
 
-def linear_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None) -> Tensor:
-    """(4, L, Kg) float64 per layer and bin: weight S_w = sum ||g_i||^2 and ||sum g_i||^2, then the same for the
-    bias, from the stacked inputs A (L, Kg, n, Wi) and output gradients D (L, Kg, n, Wo): :func:`plain_stats`
-    when every S / V (bins of >= 2 rows) is at most ``KAPPA_MAX[dtype]`` (grad_var then within ~1e-5 of exact
-    for float32 factors), else :func:`centred_stats`. ``swap``: as :func:`plain_stats`."""
-    out = plain_stats(A, D, blk, swap)
-    gram = _gram_form(A.shape[2], D.shape[3], A.shape[3])
+def pick_rows(swapped: list[bool], want: list[tuple[bool, bool]] | None = None) -> list[int]:
+    """Rows of the flattened (6 L) :func:`plain_stats` output for layers ``swapped`` (bias on A's side) holding
+    (``want`` per layer: weight, bias trainable; None: both): first every S, then in the same order every
+    ||sum g||^2."""
+    L, S, T = len(swapped), [], []
+    for j, sw in enumerate(swapped):
+        w, b = want[j] if want is not None else (True, True)
+        for r, on in ((0, w), (4 if sw else 2, b)):
+            if on:
+                S.append(r * L + j)
+                T.append((r + 1) * L + j)
+    return S + T
+
+
+def pass_stats(A: Tensor, D: Tensor, blk: Blocks, pick: Tensor, pair: Tensor | None = None) -> Tensor:
+    """(2 H, Kg) float64 the rows ``pick`` (:func:`pick_rows`: H values of S, then their H values of
+    ||sum g||^2) of :func:`plain_stats` when every picked S / V (bins of >= 2 rows) is at most ``KAPPA_MAX[dtype]``
+    (grad_var then within ~4e-5 of exact for float32 factors), else of :func:`centred_stats` (``pair``: as
+    :func:`plain_stats`)."""
+    Kg = blk.count.shape[0]
+    vals = plain_stats(A, D, blk, pair).view(-1, Kg).index_select(0, pick)
+    gram = gram_form(A.shape[2], D.shape[3], A.shape[3])
     w = blk.limit.get((A.dtype, gram))
     if w is None:  # ||sum g||^2 w > S  <=>  S > kappa V, V = S - ||sum g||^2 / n, only for bins of >= 2 rows
         k = KAPPA_MAX.get(A.dtype, (1.0, 1.0))[0 if gram else 1]
         w = blk.limit[A.dtype, gram] = torch.where(blk.count > 1, k / (k - 1) / blk.count.clamp_min(1.0), 0.0)
-    if bool((out[1::2] * w > out[0::2]).any()):
-        return centred_stats(A, D, blk, swap)
+    H = vals.shape[0] // 2
+    if bool((vals[H:] * w > vals[:H]).any()):
+        return centred_stats(A, D, blk).view(-1, Kg).index_select(0, pick)
+    return vals
+
+
+def linear_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None) -> Tensor:
+    """(4, L, Kg) float64 per layer and bin: weight S_w = sum ||g_i||^2 and ||sum g_i||^2, then the same for the
+    bias, from the stacked inputs A (L, Kg, n, Wi) and output gradients D (L, Kg, n, Wo) (:func:`pass_stats`;
+    ``swap`` (L, 1) bool: layers whose bias gradient is A's rows, None for none)."""
+    L = A.shape[0]
+    swapped = [False] * L if swap is None else [bool(v) for v in swap.reshape(-1).tolist()]
+    rows = pick_rows(swapped)
+    vals = pass_stats(A, D, blk, torch.tensor(rows, device=A.device))
+    H = L * 2  # pick_rows: per layer (weight, bias) S values, then their ||sum g||^2 in the same order
+    out = torch.empty(4, L, vals.shape[1], dtype=F64, device=A.device)
+    out[0], out[2], out[1], out[3] = vals[0:H:2], vals[1:H:2], vals[H::2], vals[H + 1 :: 2]
     return out
 
 

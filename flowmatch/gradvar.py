@@ -36,7 +36,7 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
-from flowmatch.gradvar_accumulate import accumulate, sorted_probe
+from flowmatch.gradvar_accumulate import accumulate, new_sums, sorted_probe
 from flowmatch.gradvar_memory import chunk_size_for
 from flowmatch.gradvar_plan import Chunk, ProbePlan, plan_probe
 from flowmatch.gradvar_stats import BinSums, GradVarStats, Layout
@@ -62,6 +62,7 @@ ENGINES = ("hooks", "vmap", "loop")
 _FUNCS = {"vmap": vmap_engine, "loop": loop_engine}
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: engine, estimate or plan}
 _KEY = "callbacks.gradvar.bins"
+_EDGES: dict[int, Tensor] = {}  # bin count -> its edges, for bin_sums (never handed out: BinSums gets a copy)
 
 
 def bin_edges(bins) -> Tensor:
@@ -144,11 +145,32 @@ def _resolve_groups(model: nn.Module, params: dict, groups) -> tuple:
     return tuple(out)
 
 
-class TrainModeGuard:
-    """Eval mode for the probe (dropout off, BatchNorm on running stats), restoring every module's mode."""
+def walk(model: nn.Module) -> tuple[dict[str, Tensor], list[nn.Module]]:
+    """The trainable parameters {name: parameter} (as ``named_parameters``: the first name of a shared one, in its
+    order) and every module (as ``modules()``), in one walk of the module tree."""
+    params: dict[str, Tensor] = {}
+    mods, seen, stack = [], set(), [("", model)]
+    while stack:
+        prefix, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        mods.append(m)
+        for n, p in m._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                if p.requires_grad:
+                    params[prefix + n] = p
+        stack.extend(reversed([(f"{prefix}{n}.", c) for n, c in m._modules.items() if c is not None]))
+    return params, mods
 
-    def __init__(self, model: nn.Module) -> None:
-        self.modes = [(m, m.training) for m in model.modules()]
+
+class TrainModeGuard:
+    """Eval mode for the probe (dropout off, BatchNorm on running stats), restoring every module's mode
+    (``modules``: the model's modules when already at hand)."""
+
+    def __init__(self, model: nn.Module, modules: list | None = None) -> None:
+        self.modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
 
     def __enter__(self):  # object.__setattr__: ``training`` is a plain attribute; skips Module.__setattr__'s checks
         for m, mode in self.modes:
@@ -205,14 +227,18 @@ def bin_sums(
     budget_ok = isinstance(memory_budget_mib, numbers.Real) and not isinstance(memory_budget_mib, bool)
     if memory_budget_mib is not None and not (budget_ok and memory_budget_mib > 0):
         raise ValueError(f"memory_budget_mib must be a number > 0 (MiB) or None, got {memory_budget_mib!r}")
-    e = bin_edges(edges)
+    e = _EDGES.get(edges) if type(edges) is int else None  # a bin count (an int, not a bool)
+    if e is None:
+        e = bin_edges(edges)
+        if type(edges) is int and len(_EDGES) < 64:
+            _EDGES[edges] = e
     if not isinstance(probe, PathSample):
         raise ValueError(f"probe must be a flowmatch.interpolants.PathSample, got {type(probe).__name__}")
     B = len(probe)
     bad = [f.name for f in fields(probe) if getattr(probe, f.name).shape[:1] != (B,)]
     if bad:
         raise ValueError(f"probe fields {bad} do not have batch dimension {B} first")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params, modules = walk(model)
     layout = Layout(tuple(params), tuple(p.numel() for p in params.values()), _resolve_groups(model, params, groups))
     order = ENGINES[ENGINES.index(method if method != "auto" else "hooks") :]
     p0, K = next(iter(params.values()), None), e.numel() - 1
@@ -221,7 +247,7 @@ def bin_sums(
     sig = (loss_fn, tuple((n, id(p), tuple(p.shape), p.dtype, p.device) for n, p in params.items()))
     sig = (cache.setdefault(("layout", sig), object()),)  # a token: the cache keys below hash fast
     job = Job(model, loss_fn, params)
-    with TrainModeGuard(model), torch.enable_grad():
+    with TrainModeGuard(model, modules), torch.enable_grad():
         for i, name in enumerate(order):
             try:
                 engine = _engine(cache, (name, *sig), model, params, verify)
@@ -233,10 +259,10 @@ def bin_sums(
                 path = sorted_probe(cache, probe, plan)
                 one = len(plan.specs) == 1 and plan.specs[0].end == len(path)
                 chunks = (Chunk(path if one else path[s.start : s.end], s) for s in plan.specs)
-                out = accumulate(engine, job, BinSums.zeros(e, layout, dev, name, keep_sums), chunks, plan)
+                out = accumulate(engine, job, *new_sums(e, layout, dev, name, keep_sums), chunks, plan)
+                amp = dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)
                 out.info = {"engine": name, "chunk_size": cs, "chunk_size_setting": chunk_size}
                 out.info.update(n_chunks=len(plan.specs), keep_sums=keep_sums, device=str(dev), **est)
-                amp = dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)
                 out.info.update(dtype=str(p0.dtype) if p0 is not None else None, autocast=amp)
                 return out
             except RuntimeError as err:  # HooksUnsupported, or vmap's "not supported" errors

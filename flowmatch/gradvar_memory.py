@@ -45,7 +45,8 @@ def chunk_size_for(cache: dict, key: tuple, modules, job, probe: PathSample, K: 
     """(chunk size, memory record) of engine ``key[0]`` (``modules``: the hooks engine's layers; ``job``: a
     :class:`~flowmatch.persample.Job`; ``keep``: the K x P sums are kept): ``chunk_size`` itself, or for "auto" the
     largest chunk whose estimate (module docstring) fits ``budget_mib`` MiB (None: a quarter of the free memory).
-    The per-sample estimate is cached in ``cache`` under ``key``."""
+    The per-sample estimate and the result are cached in ``cache`` (under ``key``, and the probe's size and shape and
+    the settings: the over-budget warning is logged once for them)."""
     if chunk_size != "auto":
         return int(chunk_size), {}
     B, P = len(probe), sum(p.numel() for p in job.params.values())
@@ -59,6 +60,9 @@ def chunk_size_for(cache: dict, key: tuple, modules, job, probe: PathSample, K: 
             cache[ekey] = (0, 2 * s1)
         else:  # activations and their gradients, plus the engine's working memory
             cache[ekey] = (2 * act + (transient_bytes(sizes, 1) if key[0] == "hooks" else 12 * P), max(s1 - act, 0))
+    rkey = ("chunk", ekey, B, budget_mib, keep, K)
+    if rkey in cache:  # the same probe shape and settings as before
+        return cache[rkey]
     per, fixed = cache.get(ekey, (0, 0))
     fixed += 8 * P  # one bin's running sum (a bin cut into pieces)
     if budget_mib is None:  # measured once per model and estimate
@@ -70,12 +74,16 @@ def chunk_size_for(cache: dict, key: tuple, modules, job, probe: PathSample, K: 
         log.warning(msg, (fixed + per) / MIB, budget / MIB)
     cs = auto_chunk_size(per, fixed, budget, B)
     sums = 8 * P * K if keep else 0
-    return cs, {
-        "memory_budget_mib": budget / MIB,
-        "bytes_per_sample": int(per),
-        "fixed_bytes": int(fixed),
-        "sums_bytes": sums,
-    }
+    cache[rkey] = (
+        cs,
+        {
+            "memory_budget_mib": budget / MIB,
+            "bytes_per_sample": int(per),
+            "fixed_bytes": int(fixed),
+            "sums_bytes": sums,
+        },
+    )
+    return cache[rkey]
 
 
 def auto_chunk_size(per_sample: float, fixed: float, budget: float, B: int) -> int:

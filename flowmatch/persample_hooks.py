@@ -32,7 +32,8 @@ from flowmatch.binreduce import (
     use_centred,
     vdot,
 )
-from flowmatch.binreduce_linear import blocks_for, fusion_groups, linear_stats, stack_factors
+from flowmatch.binreduce_linear import blocks_for
+from flowmatch.binreduce_passes import RowPasses, is_row_linear
 from flowmatch.gradvar_plan import Chunk
 from flowmatch.persample import F64, ChunkResult, HooksUnsupported, Job, _check_losses, _sqnorm
 from flowmatch.persample_layers import CONV, conv_weight, graph_scan, hook_plan
@@ -44,20 +45,26 @@ def use_gram(S: int, rows: int, cols: int) -> bool:
 
 
 class _Rec:
-    """What the forward hook records of one layer: call count, first input and output, their versions."""
+    """What the forward hook records of one layer: call count, first input and output, their versions, and for a
+    held layer (``edge``) the gradient edge of its output (its gradient is asked of the backward directly)."""
 
-    __slots__ = ("calls", "x", "xv", "out", "ov")
+    __slots__ = ("calls", "x", "xv", "out", "ov", "edge")
 
     def __init__(self) -> None:
-        self.calls, self.x, self.xv, self.out, self.ov = 0, None, 0, None, 0
+        self.calls, self.x, self.xv, self.out, self.ov, self.edge = 0, None, 0, None, 0, None
 
 
-def _fwd_hook(rec: _Rec, on_grad, mod, args, out) -> None:
-    """Forward hook: count the call; on the first, record input and output and hook ``on_grad`` on the output."""
+def _fwd_hook(rec: _Rec, on_grad, hold: bool, mod, args, out) -> None:
+    """Forward hook: count the call; on the first, record input and output, and either hook ``on_grad`` on the
+    output or (``hold`` and a Linear layer applied once per sample) record the output's gradient edge, taken before
+    any in-place change of the output."""
     rec.calls += 1
     if rec.calls == 1 and args and isinstance(out, Tensor) and out.requires_grad:
         rec.x, rec.xv, rec.out, rec.ov = args[0], args[0]._version, out, out._version
-        out.register_hook(partial(on_grad, mod, rec))
+        if hold and is_row_linear(mod, args[0], out):
+            rec.edge = torch.autograd.graph.get_gradient_edge(out)
+        else:
+            out.register_hook(partial(on_grad, mod, rec))
 
 
 def _linear(x: Tensor, d: Tensor, chunk: Chunk, targets: dict, dense: bool) -> dict:
@@ -94,11 +101,6 @@ def _linear(x: Tensor, d: Tensor, chunk: Chunk, targets: dict, dense: bool) -> d
     if "bias" in targets:
         res["bias"] = add_materialised(dd.sum(1), chunk.rows, targets["bias"], dense)
     return res
-
-
-def is_row_linear(x: Tensor, d: Tensor) -> bool:
-    """A Linear layer applied once per sample (one row of input x and output gradient d per sample)."""
-    return x.numel() == x.shape[0] * x.shape[-1] and d.numel() == d.shape[0] * d.shape[-1]
 
 
 def _embedding(m: nn.Embedding, x: Tensor, d: Tensor, chunk: Chunk, target: Tensor, dense: bool) -> Tensor:
@@ -167,14 +169,11 @@ class HooksEngine:
     def _on_grad(self, m: nn.Module, rec: _Rec, delta: Tensor) -> None:
         """Tensor hook on a layer's output: turn (input, output gradient) into per-sample results at once, so
         neither is kept alive longer than in an ordinary backward (one-row-per-sample Linear layers, when only
-        squared norms are kept: held for one stacked pass after the backward)."""
+        squared norms are kept, are held instead: :func:`_fwd_hook`)."""
         chunk, sink, sq, autocast = self._ctx
         names = self.plan[m]  # hooks run under the backward's grad mode (create_graph=False: no graph)
         x = rec.x.detach()
         rec.x = rec.out = None
-        if not sink.dense and isinstance(m, nn.Linear) and is_row_linear(x, delta):
-            self._rows.append((m, x.reshape(x.shape[0], -1), delta.reshape(x.shape[0], -1)))
-            return
         targets = {a: sink.targets[n] for a, n in names.items()}
         if autocast:
             with torch.autocast(delta.device.type, enabled=False):
@@ -184,10 +183,11 @@ class HooksEngine:
         sq.update({names[a]: v for a, v in got.items()})
 
     def _row_layers(self, chunk: Chunk, sink: Sink) -> float:
-        """The Linear layers held back by :meth:`_on_grad`, stacked into as few :func:`linear_stats` passes as pay
-        off (:func:`~flowmatch.binreduce_linear.fusion_groups`); their per-bin sums of ||g_i||^2 and squared norms
-        of the per-bin gradient sums go to ``sink.stats``. Returns sample 0's ||g_0||^2 over these layers when the
-        engine still has to verify itself (else 0)."""
+        """The Linear layers held back by :func:`_fwd_hook` (``self._rows``: layer, input rows, output gradient
+        rows), stacked into as few passes as pay off (:class:`~flowmatch.binreduce_passes.RowPasses`, cached per
+        layers, widths, padded bin size and chunk size); their per-bin sums of ||g_i||^2 and squared norms of the
+        per-bin gradient sums go to ``sink.stats``. Returns sample 0's ||g_0||^2 over these layers when the engine
+        still has to verify itself (else 0)."""
         items, self._rows = self._rows, []
         if not items:
             return 0.0
@@ -196,19 +196,11 @@ class HooksEngine:
         key = (tuple(m for m, _, _ in items), tuple(x.shape[1:] + d.shape[1:] for _, x, d in items), n_max, len(chunk))
         passes = self._passes.get(key)
         if passes is None:
-            passes = self._passes[key] = self._plan_passes(items, n_max, sink, len(chunk))
-        stats = sink.stats.view(sink.stats.shape[0], -1)  # (Kc, 2 n_params)
-        for group, swapped, swap, keep, cols in passes:
-            xs = [items[j][2 if s else 1] for j, s in zip(group, swapped)]  # the narrower side as the input
-            ds = [items[j][1 if s else 2] for j, s in zip(group, swapped)]
-            dt = torch.float64 if any(t.dtype == F64 for t in xs + ds) else torch.float32
-            for blk in blocks:
-                out = linear_stats(stack_factors(xs, blk, dt), stack_factors(ds, blk, dt), blk, swap)  # (4, L, Kg)
-                vals = out.view(-1, out.shape[2]) if keep is None else out.view(-1, out.shape[2]).index_select(0, keep)
-                if blk.bins is None:
-                    stats.index_add_(1, cols, vals.T)
-                else:
-                    stats.index_put_((blk.bins[:, None], cols[None, :]), vals.T, accumulate=True)
+            shapes = [(x.shape[1], d.shape[1]) for _, x, d in items]
+            owners = [self.plan[m] for m, _, _ in items]
+            P, dev = sink.stats.shape[2], sink.stats.device
+            passes = self._passes[key] = RowPasses(shapes, owners, sink.cols, P, n_max, len(chunk), dev)
+        passes.run(items, blocks, sink.stats.view(sink.stats.shape[0], -1))  # stats viewed (Kc, 2 P)
         if not self.verify:
             return 0.0
         got = 0.0
@@ -217,30 +209,12 @@ class HooksEngine:
             got += dn * an * ("weight" in self.plan[m]) + dn * ("bias" in self.plan[m])
         return got
 
-    def _plan_passes(self, items: list, n: int, sink: Sink, b: int) -> list:
-        """Per stacked pass: layer indices, swapped flags (also as an (L, 1) tensor, None if none), which of its
-        (4, L) results are trainable parameters (None: all) and their columns in ``sink.stats`` viewed (Kc, 2 P)."""
-        shapes = [(x.shape[1], d.shape[1]) for _, x, d in items]
-        dev, P = sink.stats.device, sink.stats.shape[2]
-        out = []
-        for group, swapped in fusion_groups(shapes, n, b):
-            plans = [self.plan[items[j][0]] for j in group]
-            rows = [  # out (4, L, Kg) = S_w, ||sum g_w||^2, S_b, ||sum g_b||^2 per layer
-                (r * len(group) + j, P * (r % 2) + sink.cols[p[attr]])
-                for r, attr in enumerate(("weight", "weight", "bias", "bias"))
-                for j, p in enumerate(plans)
-                if attr in p
-            ]
-            keep = None if len(rows) == 4 * len(group) else torch.tensor([r for r, _ in rows], device=dev)
-            swap = torch.tensor(swapped, device=dev)[:, None] if any(swapped) else None
-            out.append((group, swapped, swap, keep, torch.tensor([c for _, c in rows], device=dev)))
-        return out
-
     def __call__(self, job: Job, chunk: Chunk, sink: Sink) -> ChunkResult:
         """Per-sample results of one chunk from one forward and one (truncated) backward pass."""
         b, params = len(chunk), job.params
         recs = {m: _Rec() for m in self.plan}
-        handles = [m.register_forward_hook(partial(_fwd_hook, r, self._on_grad)) for m, r in recs.items()]
+        hold = not sink.dense
+        handles = [m.register_forward_hook(partial(_fwd_hook, r, self._on_grad, hold)) for m, r in recs.items()]
         try:
             losses = _check_losses(job.loss_fn(job.model, chunk.path), b)
         finally:
@@ -265,14 +239,22 @@ class HooksEngine:
         sq: dict = {}
         dev = losses.device.type
         self._ctx = (chunk, sink, sq, torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False)
-        if any(r.out._version != r.ov for r in used.values()):
-            inputs = list(params.values())  # an output was modified in place: its grad_fn is no longer a stop
+        held = [(m, r) for m, r in used.items() if r.edge is not None]
+        inputs: list = [r.edge for _, r in held]  # the held layers' output gradients, returned
+        if any(r.out._version != r.ov for r in used.values() if r.edge is None):
+            inputs += list(params.values())  # an output was modified in place: its grad_fn is no longer a stop
         else:  # backprop only down to the lowest hooked outputs: no weight gradients, hooks fire on the way
-            inputs = [used[m].out for m in self._structure[1]]
+            inputs += [used[m].out for m in self._structure[1] if used[m].edge is None]
         del used, recs
         try:
             if inputs:
-                torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+                grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+                self._rows = [
+                    (m, r.x.detach().reshape(b, -1), g.reshape(b, -1))
+                    for (m, r), g in zip(held, grads)
+                    if g is not None
+                ]
+            del held
             with torch.autocast(dev, enabled=False) if self._ctx[3] else contextlib.nullcontext():
                 row_sq0 = self._row_layers(chunk, sink)
         finally:

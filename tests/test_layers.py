@@ -24,6 +24,7 @@ CORE = [
     "flowmatch.persample_layers",
     "flowmatch.binreduce",
     "flowmatch.binreduce_linear",
+    "flowmatch.binreduce_passes",
     "flowmatch.gradvar_plan",
     "flowmatch.gradvar_memory",
     "flowmatch.gradvar_accumulate",
