@@ -15,6 +15,7 @@ CORE = [
     "flowmatch.sampling",
     "flowmatch.stability",
     "flowmatch.metrics",
+    "flowmatch.eval_setup",
     "flowmatch.evaluation",
     "flowmatch.gradvar",
     "flowmatch.gradvar_stats",
