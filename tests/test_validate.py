@@ -273,3 +273,14 @@ def test_wandb_without_key_or_offline_mode_says_how_to_choose(tmp_path, monkeypa
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
     (tmp_path / ".netrc").chmod(0o600)
     assert run_preflight(["logger=wandb"])[0] is None
+
+
+@pytest.mark.parametrize("mean", [[], [1.0, 2.0, 3.0], [[1.0, 2.0]], float("nan"), "abc"])
+def test_gaussian_mean_of_the_wrong_shape_is_one_clear_error(mean):
+    """Found by the property test above: ``data.mean=[]`` passed every check and crashed in ``setup()``."""
+    from flowmatch.couplings import IndependentCoupling
+    from flowmatch.data.gaussian import GaussianDataModule
+
+    with pytest.raises(ValueError, match=r"data.mean must be a finite number or a list of data.dim=2 numbers"):
+        GaussianDataModule(IndependentCoupling(), dim=2, mean=mean)
+    assert GaussianDataModule(IndependentCoupling(), dim=2, mean=[1, 2]).mean.tolist() == [1.0, 2.0]

@@ -19,6 +19,17 @@ def _check_dim(dim) -> int:
     return dim
 
 
+def _check_mean(mean, dim: int) -> torch.Tensor:
+    """``data.mean`` as a tensor: a finite number (mean * 1) or a list of ``dim`` finite numbers."""
+    try:
+        value = torch.as_tensor(float(mean) if isinstance(mean, (int, float)) else [float(v) for v in mean])
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value.ndim > 1 or (value.ndim == 1 and len(value) != dim) or not torch.isfinite(value).all():
+        raise ValueError(f"data.mean must be a finite number or a list of data.dim={dim} numbers, got {mean!r}")
+    return value.float()
+
+
 class GaussianDataModule(FlowDataModule):
     """Noise N(0, I_dim) and data either ``gaussian`` N(mean, cov) or ``gmm``: k equal-weight
     components N(c_j, std^2 I) with centres c_j on a circle of radius ``radius`` in the first two
@@ -46,7 +57,7 @@ class GaussianDataModule(FlowDataModule):
             raise ValueError(f"data.kind must be one of {list(KINDS)}, got {kind!r}")
         if centers not in ("circle", "random"):
             raise ValueError(f"data.centers must be one of ['circle', 'random'], got {centers!r}")
-        self.kind, self.mean, self.cov = kind, mean, cov
+        self.kind, self.mean, self.cov = kind, _check_mean(mean, self.dim), cov
         self.k, self.radius, self.std, self.centers = int(k), float(radius), float(std), centers
 
     def _gmm_centers(self) -> torch.Tensor:
@@ -61,7 +72,7 @@ class GaussianDataModule(FlowDataModule):
     def build_ends(self):
         noise = Gaussian.standard(self.dim)
         if self.kind == "gaussian":
-            data = Gaussian(torch.as_tensor(self.mean, dtype=torch.float32).expand(self.dim).clone(), self.cov)
+            data = Gaussian(self.mean.expand(self.dim).clone(), self.cov)
         else:
             data = GaussianMixture(self._gmm_centers(), self.std)
         return noise, data
