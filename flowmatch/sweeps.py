@@ -30,6 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from flowmatch import terminal
+from flowmatch.terminal import varying
 
 STATUS_DIR = ".job_status"
 _FAILED: list[dict] = []  # the failed jobs of the sweep this process launched (filled by SweepReport)
@@ -59,12 +60,6 @@ def announce(n_jobs: int, keys: list[str]) -> None:
     """Tell the jobs (through the environment every launcher passes on) their number and the varying keys."""
     os.environ[terminal.SWEEP_JOBS_ENV] = str(n_jobs)
     os.environ[terminal.SWEEP_KEYS_ENV] = ",".join(k.lstrip("+~") for k in keys)
-
-
-def varying(job: list[str], keys: list[str]) -> str:
-    """The overrides of ``job`` that the sweep varies (``interpolant.sigma=0.05 direction=backward``)."""
-    keys = {k.lstrip("+~") for k in keys}
-    return " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in keys)
 
 
 def bad_jobs_message(errors: list[str | None], jobs: list[list[str]], keys: list[str]) -> str | None:
@@ -106,22 +101,19 @@ def job_guard(run_dir: Path):
         return
     log_file = str(Path(run_dir) / f"{hc.job.name}.log")
     record = {"job": hc.job.num + 1, "overrides": list(hc.overrides.task), "run_dir": str(run_dir), "log": log_file}
-    start = time.perf_counter()
+    start, outcome = time.perf_counter(), {"status": "completed"}
     try:
         yield
     except SystemExit as exc:
-        if exc.code in (0, None):
-            _write_status(path, {**record, "status": "completed", "seconds": time.perf_counter() - start})
-            return
-        message = getattr(exc, "message", None) or f"exit status {exc.code}"
-        _write_status(path, {**record, "status": "failed", "message": message, "exit_status": exc.code})
+        if exc.code not in (0, None):
+            message = getattr(exc, "message", None) or f"exit status {exc.code}"
+            outcome = {"status": "failed", "message": message, "exit_status": exc.code}
     except Exception as exc:  # a fault at run time (e.g. out of memory): reported, the sweep goes on
         message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
         logging.getLogger("flowmatch.detail").debug("".join(traceback.format_exception(exc)))
         terminal.error(f"{message} (traceback in {log_file})")
-        _write_status(path, {**record, "status": "failed", "message": message, "exit_status": 1})
-    else:
-        _write_status(path, {**record, "status": "completed", "seconds": time.perf_counter() - start})
+        outcome = {"status": "failed", "message": message, "exit_status": 1}
+    _write_status(path, {**record, **outcome, "seconds": time.perf_counter() - start})
 
 
 def read_statuses(sweep_dir: Path) -> dict[int, dict]:
@@ -160,9 +152,7 @@ class SweepReport(Callback):
         _FAILED.clear()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        n = os.environ.get(terminal.SWEEP_JOBS_ENV)
-        keys = [k for k in os.environ.get(terminal.SWEEP_KEYS_ENV, "").split(",") if k]
-        text, failed = report(Path(config.hydra.sweep.dir), int(n) if n else None, keys)
+        text, failed = report(Path(config.hydra.sweep.dir), *terminal.announced())
         _FAILED.extend(failed)
         print(text, flush=True)
 

@@ -91,11 +91,21 @@ def job_tag() -> str:
         return ""
     if hc.mode != RunMode.MULTIRUN:
         return ""
-    total = os.environ.get(SWEEP_JOBS_ENV)
-    keys = [k for k in os.environ.get(SWEEP_KEYS_ENV, "").split(",") if k]
-    varying = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in keys]
+    total, keys = announced()
     head = f"job {hc.job.num + 1}/{total}" if total else f"job {hc.job.num + 1}"
-    return " ".join([head, *varying])
+    return " ".join(p for p in (head, varying(list(hc.overrides.task), keys)) if p)
+
+
+def announced() -> tuple[int | None, list[str]]:
+    """The number of jobs and the varying keys the preflight announced to this sweep (None, []: not a sweep)."""
+    total = os.environ.get(SWEEP_JOBS_ENV)
+    return (int(total) if total else None), [k for k in os.environ.get(SWEEP_KEYS_ENV, "").split(",") if k]
+
+
+def varying(job: list[str], keys: list[str]) -> str:
+    """The overrides of ``job`` that the sweep varies (``interpolant.sigma=0.05 direction=backward``)."""
+    keys = {k.lstrip("+~") for k in keys}
+    return " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in keys)
 
 
 class JobTag(logging.Filter):
