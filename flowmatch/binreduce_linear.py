@@ -65,6 +65,11 @@ class Blocks:
     mask: Tensor | None
     limit: dict = field(default_factory=dict, compare=False, repr=False)  # dtype -> weights of the S / V check
 
+    @property
+    def nblocks(self) -> int:
+        """The number of blocks (bins) of this layout."""
+        return self.count.shape[0]
+
 
 def blocks_for(rows: Rows) -> tuple[Blocks, ...]:
     """The block layouts of ``rows`` (cached on it): one block padded to the largest bin when that is at most
@@ -109,7 +114,7 @@ def stack_factors(xs: list[Tensor], blk: Blocks, dtype, out: Tensor | None = Non
     the widest layer W: a view of the rows for one layer of full width, a stack for equal bins and widths, else
     the rows written layer by layer into ``out`` ((L, Kg * n, W), whose padding must be zero: it is never written,
     so a buffer kept from an earlier call with the same layout can be reused) or into a zeroed buffer."""
-    W, Kg, L = max(x.shape[1] for x in xs), blk.count.shape[0], len(xs)
+    W, Kg, L = max(x.shape[1] for x in xs), blk.nblocks, len(xs)
     if blk.slots is None and all(x.shape[1] == W and x.dtype == dtype for x in xs):
         if L == 1 and out is None:
             return xs[0].view(1, Kg, blk.n, W)
@@ -233,15 +238,21 @@ def pass_stats(A: Tensor, D: Tensor, blk: Blocks, pick: Tensor, pair: Tensor | N
     :func:`plain_stats`)."""
     Kg = blk.count.shape[0]
     vals = plain_stats(A, D, blk, pair).view(-1, Kg).index_select(0, pick)
-    gram = gram_form(A.shape[2], D.shape[3], A.shape[3])
-    w = blk.limit.get((A.dtype, gram))
-    if w is None:  # ||sum g||^2 w > S  <=>  S > kappa V, V = S - ||sum g||^2 / n, only for bins of >= 2 rows
-        k = KAPPA_MAX.get(A.dtype, (1.0, 1.0))[0 if gram else 1]
-        w = blk.limit[A.dtype, gram] = torch.where(blk.count > 1, k / (k - 1) / blk.count.clamp_min(1.0), 0.0)
-    H = vals.shape[0] // 2
-    if bool((vals[H:] * w > vals[:H]).any()):
+    if needs_centring(vals, blk, A.dtype, gram_form(A.shape[2], D.shape[3], A.shape[3])):
         return centred_stats(A, D, blk).view(-1, Kg).index_select(0, pick)
     return vals
+
+
+def needs_centring(vals: Tensor, blk, dtype, gram: bool) -> bool:
+    """Whether any bin (of >= 2 rows) of ``vals`` (2 H, Kc) (H values of S, then their ||sum g||^2) has S / V above
+    ``KAPPA_MAX[dtype]`` for the Gram (``gram``) or direct form: ||sum g||^2 w > S  <=>  S > kappa V, with
+    V = S - ||sum g||^2 / n and w = kappa / (kappa - 1) / n (cached on the layout ``blk``, per dtype and form)."""
+    w = blk.limit.get((dtype, gram))
+    if w is None:
+        k = KAPPA_MAX.get(dtype, (1.0, 1.0))[0 if gram else 1]
+        w = blk.limit[dtype, gram] = torch.where(blk.count > 1, k / (k - 1) / blk.count.clamp_min(1.0), 0.0)
+    H = vals.shape[0] // 2
+    return bool((vals[H:] * w > vals[:H]).any())
 
 
 def linear_stats(A: Tensor, D: Tensor, blk: Blocks, swap: Tensor | None = None) -> Tensor:

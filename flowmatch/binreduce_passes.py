@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flowmatch.binreduce_linear import Blocks, fusion_groups, pass_stats, pick_rows
+from flowmatch.binreduce_linear import fusion_groups, pass_stats, pick_rows
+from flowmatch.binreduce_packed import Packed, choose_layout, packed_pass_stats
+from flowmatch.gradvar_plan import Rows
 
 __all__ = ["RowPasses", "KEEP_BYTES"]
 F64 = torch.float64
@@ -54,15 +56,17 @@ class RowPasses:
             Wo = max(max(shapes[j]) for j in group)
             t = long_tensor(pick, device), long_tensor(cols_, device)
             self.passes.append(_Pass(group, swapped, Wi, Wo, *t))
-        self._kept: tuple = (None, None, [])  # (blocks, dtype, their jobs) of the last call, buffers included
+        self._kept: tuple = (None, None, [])  # (rows, dtype, their jobs) of the last call, buffers included
 
-    def _jobs(self, items: list, blocks: tuple[Blocks, ...], dt, device) -> list:
-        """Per pass and block: (pass, block, A, D, pair, writes, stack): the factor buffers A (L, Kg, n, Wi) and
+    def _jobs(self, items: list, rows: Rows, dt, device) -> list:
+        """Per pass and block of its layout (:func:`~flowmatch.binreduce_packed.choose_layout`: bins packed into
+        blocks for the Gram form, or per-bin blocks): (pass, block, A, D, pair, writes, stack): the factor buffers
+        A (L, Kg, n, Wi) and
         D (L, Kg, n, Wo) (zero padding; one (2, L, Kg, n, W) ``pair`` buffer for equal widths), and how the rows
         get there: ``writes`` (destination view, layer, side) one layer at a time, or ``stack`` ((L, R, W) view,
         [(layer, side)...]) all at once (equal bins and widths). A and D are None for one layer of equal bins
         (views of its rows, made in :meth:`run`). Kept for the next call while they total <= ``KEEP_BYTES``."""
-        if self._kept[0] is blocks and self._kept[1] == dt:
+        if self._kept[0] is rows and self._kept[1] == dt:
             return self._kept[2]
         jobs, size = [], 0
         for ps in self.passes:
@@ -71,8 +75,8 @@ class RowPasses:
                 [(j, 1 if s else 2) for j, s in zip(ps.group, ps.swapped)],
             )
             L = len(ps.group)
-            for blk in blocks:
-                Kg, n = blk.count.shape[0], blk.n
+            for blk in choose_layout(rows, ps.Wi, ps.Wo):
+                Kg, n = blk.nblocks, blk.n
                 if blk.slots is None and L == 1:
                     jobs.append((ps, blk, None, None, None, [], []))
                     continue
@@ -92,14 +96,14 @@ class RowPasses:
                         writes += [(buf[i, :, :w], j, k) for i, ((j, k), w) in enumerate(zip(side, widths))]
                 A, D = (t.view(L, Kg, n, t.shape[2]) for t in bufs)
                 jobs.append((ps, blk, A, D, None if pair is None else pair.view(2, L, Kg, n, ps.Wo), writes, stack))
-        self._kept = (blocks, dt, jobs) if size <= KEEP_BYTES else (None, None, [])
+        self._kept = (rows, dt, jobs) if size <= KEEP_BYTES else (None, None, [])
         return jobs
 
-    def run(self, items: list, blocks: tuple[Blocks, ...], stats: Tensor) -> None:
+    def run(self, items: list, rows: Rows, stats: Tensor) -> None:
         """Add every pass's per-bin statistics of the held layers ``items`` ((layer, input rows, output gradient
-        rows) each) laid out as ``blocks`` into ``stats`` (Kc, 2 P)."""
+        rows) each, in the bin order of ``rows``) into ``stats`` (Kc, 2 P)."""
         dt = F64 if any(t.dtype == F64 for _, x, d in items for t in (x, d)) else torch.float32
-        for ps, blk, A, D, pair, writes, stack in self._jobs(items, blocks, dt, items[0][1].device):
+        for ps, blk, A, D, pair, writes, stack in self._jobs(items, rows, dt, items[0][1].device):
             if A is None:  # one layer, equal bins: its rows themselves
                 j, s = ps.group[0], ps.swapped[0]
                 A, D = (items[j][k].to(dt).view(1, -1, blk.n, items[j][k].shape[1]) for k in ((2, 1) if s else (1, 2)))
@@ -113,7 +117,7 @@ class RowPasses:
             for dst, j, k in writes:
                 src = items[j][k] if blk.rows is None else items[j][k].index_select(0, blk.rows)
                 dst.copy_(src) if blk.slots is None else dst.index_copy_(0, blk.slots, src.to(dt))
-            vals = pass_stats(A, D, blk, ps.pick, pair)  # (2 H, Kg)
+            vals = (packed_pass_stats if isinstance(blk, Packed) else pass_stats)(A, D, blk, ps.pick, pair)
             if blk.bins is None:
                 stats.index_add_(1, ps.cols, vals.T)
             else:

@@ -200,7 +200,7 @@ class HooksEngine:
             owners = [self.plan[m] for m, _, _ in items]
             P, dev = sink.stats.shape[2], sink.stats.device
             passes = self._passes[key] = RowPasses(shapes, owners, sink.cols, P, n_max, len(chunk), dev)
-        passes.run(items, blocks, sink.stats.view(sink.stats.shape[0], -1))  # stats viewed (Kc, 2 P)
+        passes.run(items, chunk.rows, sink.stats.view(sink.stats.shape[0], -1))  # stats viewed (Kc, 2 P)
         if not self.verify:
             return 0.0
         got = 0.0

@@ -12,7 +12,7 @@ from test_gradvar import TinyUNet, TokenMLP, VelocityMLP, cast, make_probe, naiv
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flowmatch import binreduce, binreduce_linear, persample_hooks
+from flowmatch import binreduce, binreduce_linear, binreduce_packed, persample_hooks
 from flowmatch.gradvar import bin_sums, gradient_variance, stratified_times
 from flowmatch.gradvar_memory import measure_pilot
 from flowmatch.gradvar_plan import pack_chunks, rows_layout
@@ -154,20 +154,21 @@ class CountOps(TorchDispatchMode):
 @pytest.mark.parametrize("model,shape", [(VelocityMLP(), (2,)), (WideMLP(), (2,)), (ConvAttnNet(), (1, 8, 8))])
 @pytest.mark.parametrize("stacked", ["plain", "centred"])
 def test_work_does_not_grow_with_the_number_of_bins(model, shape, stacked, monkeypatch):
-    """Same probe size, K = 2 or 40 equal bins: the same number of tensor operations (one chunk, every per-bin
+    """Same probe size, K = 2, 20 or 40 equal bins: the same number of tensor operations (one chunk, every per-bin
     reduction batched over the bins), none of them a per-bin or per-sample Python loop; the stacked Linear pass
-    held on one of its two routes (which one runs depends on the data, S / V)."""
+    held on one of its two routes (which one runs depends on the data, S / V). K = 2 (40 rows a bin) takes the
+    per-bin direct form, K = 20 and 40 the packed Gram form: a fixed handful of operations more or less."""
     kappa = float("inf") if stacked == "plain" else 1.0 + 1e-9
     monkeypatch.setattr(binreduce_linear, "KAPPA_MAX", {torch.float32: (kappa, kappa)})
     counts = {}
-    for K in (2, 40):
+    for K in (2, 20, 40):
         t = stratified_times(80 // K, K)
         probe = make_probe(shape, 80, torch.Generator().manual_seed(5), t, CFM(0.1), dtype=torch.float32)
         bin_sums(model, probe, K, keep_sums=False)  # warm: engine, plan and estimate cached
         with CountOps() as c:
             bin_sums(model, probe, K, keep_sums=False)
         counts[K] = c.n
-    assert counts[40] <= counts[2] + 10, counts  # a route (Gram or not) may differ by a few operations
+    assert counts[40] == counts[20] and counts[40] <= counts[2] + 20, counts
 
 
 def test_chunk_auto_respects_the_memory_budget():
@@ -315,6 +316,46 @@ def test_stacked_linear_pass_against_explicit_per_sample_gradients(route, counts
         )
         got[:, :, blk.bins if blk.bins is not None else slice(None)] = res
     torch.testing.assert_close(got, stacked_truth(xs, ds, counts), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("route", ["plain", "centred"])
+@pytest.mark.parametrize("counts,n", [([6, 6, 6], 16), ([9, 1, 0, 4, 2], 16), ([30, 1, 1], 32), ([3, 5, 0, 7], 8)])
+def test_packed_gram_pass_against_explicit_per_sample_gradients(route, counts, n, monkeypatch):
+    """Bins packed whole into blocks of n rows (several bins a block, an empty bin, a crowded one), layers of
+    different widths zero-padded, one swapped: the Gram-form statistics, or (centred) the rows taken back out of
+    the blocks and centred per bin, against per-sample gradients formed explicitly."""
+    monkeypatch.setattr(
+        binreduce_linear, "KAPPA_MAX", {DT: (float("inf"),) * 2 if route == "plain" else (1 + 1e-9,) * 2}
+    )
+    gen = torch.Generator().manual_seed(11)
+    R = sum(counts)
+    xs = [torch.randn(R, i, generator=gen, dtype=DT) + 2.0 for i in (3, 7, 5)]
+    ds = [torch.randn(R, o, generator=gen, dtype=DT) for o in (7, 2, 5)]
+    swapped = [False, True, False]
+    A, D = zip(*[(d, x) if s else (x, d) for x, d, s in zip(xs, ds, swapped)])
+    pk = binreduce_packed._pack(rows_layout(counts, 1, "cpu"), counts, n)
+    assert pk.nblocks == len(binreduce_packed.next_fit(counts, n)) < sum(c > 0 for c in counts) or n == 8
+    pick = binreduce_linear.pick_rows(swapped)
+    vals = binreduce_packed.packed_pass_stats(
+        binreduce_linear.stack_factors(list(A), pk, DT),
+        binreduce_linear.stack_factors(list(D), pk, DT),
+        pk,
+        torch.tensor(pick),
+    )
+    H = len(pick) // 2  # per layer (weight, bias): S, then ||sum g||^2 in the same order
+    got = torch.stack([vals[0:H:2], vals[H::2], vals[1:H:2], vals[H + 1 :: 2]])
+    torch.testing.assert_close(got, stacked_truth(xs, ds, counts), rtol=1e-10, atol=1e-10)
+
+
+def test_packing_picks_few_full_blocks_and_the_per_bin_form_for_large_bins():
+    """50 bins of ~5 rows at width 256 pack into blocks of 16 (not one 10-row product per bin); one bin of 256 rows
+    at width 64 takes the per-bin direct form."""
+    counts = [2, 6, 3, 3, 2, 6, 8, 10, 8, 5] * 5
+    layout = binreduce_packed.choose_layout(rows_layout(counts, 1, "cpu"), 256, 256)
+    assert isinstance(layout[0], binreduce_packed.Packed) and layout[0].n == 16
+    assert layout[0].nblocks == len(binreduce_packed.next_fit(counts, 16)) < 25
+    one_bin = binreduce_packed.choose_layout(rows_layout([256], 1, "cpu"), 64, 64)
+    assert not isinstance(one_bin[0], binreduce_packed.Packed)
 
 
 def test_stacked_linear_pass_centres_float32_factors_when_the_mean_dominates():
