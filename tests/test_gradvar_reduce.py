@@ -333,21 +333,32 @@ def stacked_truth(xs, ds, counts):
     return out
 
 
+def hold_route(monkeypatch, route):
+    """Hold the stacked Linear statistics on the plain (float products) or the centred route."""
+    kappa = float("inf") if route == "plain" else 1 + 1e-9
+    monkeypatch.setattr(binreduce_linear, "KAPPA_MAX", {DT: (kappa, kappa)})
+
+
+def three_layers(counts, seed, swapped):
+    """Inputs xs (widths 3, 7, 5) and output gradients ds (widths 7, 2, 5) of three layers over sum(counts) rows, and
+    the sides A, D of a stacked pass over them (a ``swapped`` layer's input and output gradient exchanged)."""
+    gen = torch.Generator().manual_seed(seed)
+    R = sum(counts)
+    xs = [torch.randn(R, i, generator=gen, dtype=DT) + 2.0 for i in (3, 7, 5)]
+    ds = [torch.randn(R, o, generator=gen, dtype=DT) for o in (7, 2, 5)]
+    A, D = zip(*[(d, x) if s else (x, d) for x, d, s in zip(xs, ds, swapped)])
+    return xs, ds, A, D
+
+
 @pytest.mark.parametrize("route", ["plain", "centred"])
 @pytest.mark.parametrize("counts", [[6, 6, 6], [9, 1, 0, 4, 2], [30, 1, 1]])
 def test_stacked_linear_pass_against_explicit_per_sample_gradients(route, counts, monkeypatch):
     """The stacked pass (layers of different widths zero-padded, one swapped, equal, uneven, empty and crowded bins)
     on float64 factors, either route, against per-sample gradients formed explicitly."""
-    monkeypatch.setattr(
-        binreduce_linear, "KAPPA_MAX", {DT: (float("inf"),) * 2 if route == "plain" else (1 + 1e-9,) * 2}
-    )
-    gen = torch.Generator().manual_seed(9)
-    R = sum(counts)
-    xs = [torch.randn(R, i, generator=gen, dtype=DT) + 2.0 for i in (3, 7, 5)]
-    ds = [torch.randn(R, o, generator=gen, dtype=DT) for o in (7, 2, 5)]
-    rows = rows_layout(counts, 1, "cpu")
+    hold_route(monkeypatch, route)
     swap = torch.tensor([[False], [True], [False]])
-    A, D = zip(*[(d, x) if s else (x, d) for x, d, s in zip(xs, ds, swap[:, 0].tolist())])
+    xs, ds, A, D = three_layers(counts, 9, swap[:, 0].tolist())
+    rows = rows_layout(counts, 1, "cpu")
     got = torch.zeros(4, 3, len(counts), dtype=DT)
     for blk in binreduce_linear.blocks_for(rows):
         res = binreduce_linear.linear_stats(
@@ -366,15 +377,9 @@ def test_packed_gram_pass_against_explicit_per_sample_gradients(route, counts, n
     """Bins packed whole into blocks of n rows (several bins a block, an empty bin, a crowded one), layers of
     different widths zero-padded, one swapped: the Gram-form statistics, or (centred) the rows taken back out of
     the blocks and centred per bin, against per-sample gradients formed explicitly."""
-    monkeypatch.setattr(
-        binreduce_linear, "KAPPA_MAX", {DT: (float("inf"),) * 2 if route == "plain" else (1 + 1e-9,) * 2}
-    )
-    gen = torch.Generator().manual_seed(11)
-    R = sum(counts)
-    xs = [torch.randn(R, i, generator=gen, dtype=DT) + 2.0 for i in (3, 7, 5)]
-    ds = [torch.randn(R, o, generator=gen, dtype=DT) for o in (7, 2, 5)]
+    hold_route(monkeypatch, route)
     swapped = [False, True, False]
-    A, D = zip(*[(d, x) if s else (x, d) for x, d, s in zip(xs, ds, swapped)])
+    xs, ds, A, D = three_layers(counts, 11, swapped)
     pk = binreduce_packed._pack(rows_layout(counts, 1, "cpu"), counts, n)
     assert pk.nblocks == len(binreduce_packed.next_fit(counts, n)) < sum(c > 0 for c in counts) or n == 8
     pick = binreduce_linear.pick_rows(swapped)
