@@ -71,7 +71,7 @@ def next_fit(counts: list[int], n: int) -> list[list[int]]:
     return out
 
 
-def _cost(counts: list[int], n: int, width: int) -> int:
+def _cost(counts: list[int], n: int, width: int) -> float:
     """Estimated cost (multiply-adds) of the Gram products of blocks of ``n`` rows over a layer of ``width`` =
     input + output width."""
     return len(next_fit(counts, n)) * (GRAM_EXTRA * n * n * width + 2 * MATRIX_MACS)
