@@ -31,7 +31,6 @@ import logging
 import numbers
 import weakref
 from collections.abc import Mapping
-from dataclasses import fields
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +39,7 @@ from flowmatch.gradvar_accumulate import accumulate, new_sums, sorted_probe
 from flowmatch.gradvar_memory import chunk_size_for
 from flowmatch.gradvar_plan import Chunk, ProbePlan, plan_probe
 from flowmatch.gradvar_stats import BinSums, GradVarStats, Layout
-from flowmatch.interpolants import PathSample
+from flowmatch.interpolants import PATH_FIELDS, PathSample
 from flowmatch.losses import per_sample_loss
 from flowmatch.persample import HooksUnsupported, Job, LossFn, loop_engine, vmap_engine
 from flowmatch.persample_hooks import HooksEngine
@@ -235,7 +234,7 @@ def bin_sums(
     if not isinstance(probe, PathSample):
         raise ValueError(f"probe must be a flowmatch.interpolants.PathSample, got {type(probe).__name__}")
     B = len(probe)
-    bad = [f.name for f in fields(probe) if getattr(probe, f.name).shape[:1] != (B,)]
+    bad = [n for n in PATH_FIELDS if getattr(probe, n).shape[:1] != (B,)]
     if bad:
         raise ValueError(f"probe fields {bad} do not have batch dimension {B} first")
     params, modules = walk(model)

@@ -6,7 +6,6 @@ of counts, losses, per-parameter sums of ||g_i||^2 and the engine's per-bin grad
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
 
 import torch
 from torch import Tensor
@@ -14,7 +13,7 @@ from torch import Tensor
 from flowmatch.binreduce import Sink
 from flowmatch.gradvar_plan import ProbePlan
 from flowmatch.gradvar_stats import BinSums, Layout
-from flowmatch.interpolants import PathSample
+from flowmatch.interpolants import PATH_FIELDS, PathSample
 from flowmatch.persample import Job
 
 __all__ = ["sorted_probe", "new_sums", "accumulate"]
@@ -25,7 +24,7 @@ def sorted_probe(cache: dict, probe: PathSample, plan: ProbePlan) -> PathSample:
     version counters (an in-place change makes a new copy; the cache holds the tensors, so their ids stay theirs)."""
     if plan.order is None:
         return probe
-    now = [(getattr(probe, f.name), getattr(probe, f.name)._version) for f in fields(probe)]
+    now = [(getattr(probe, n), getattr(probe, n)._version) for n in PATH_FIELDS]
     got = cache.get("sorted")
     if got is None or got[0] is not plan or any(a is not x or v != w for (a, v), (x, w) in zip(now, got[1])):
         got = cache["sorted"] = (plan, now, probe[plan.order])
@@ -56,10 +55,9 @@ def new_sums(edges: Tensor, layout: Layout, device, method: str, keep: bool) -> 
     table = torch.zeros(K, 3 + G + 2 * N, dtype=torch.float64, device=device)
     both = table[:, 3 + G :].view(K, 2, N)
     flat = torch.zeros(K * sum(layout.sizes), dtype=torch.float64, device=device) if keep else None
-    cols = table[:, :3].T
     out = BinSums(
         edges.to("cpu", torch.float64, copy=True),
-        *cols,
+        *table[:, :3].unbind(1),
         table[:, 3 : 3 + G],
         flat,
         layout,

@@ -21,12 +21,11 @@ import ctypes
 import logging
 import math
 import os
-from dataclasses import fields
 
 import torch
 from torch import Tensor, nn
 
-from flowmatch.interpolants import PathSample
+from flowmatch.interpolants import PATH_FIELDS, PathSample
 
 __all__ = [
     "MIB",
@@ -50,7 +49,7 @@ def chunk_size_for(cache: dict, key: tuple, modules, job, probe: PathSample, K: 
     if chunk_size != "auto":
         return int(chunk_size), {}
     B, P = len(probe), sum(p.numel() for p in job.params.values())
-    shapes = tuple(tuple(getattr(probe, f.name).shape[1:]) for f in fields(probe))
+    shapes = tuple(getattr(probe, n).shape[1:] for n in PATH_FIELDS)
     ekey = ("estimate", *key, shapes, torch.is_autocast_enabled(probe.t.device.type))
     if ekey not in cache and B:
         s1, sizes = measure_pilot(job.model, job.loss_fn, probe[:1], modules)

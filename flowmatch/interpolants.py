@@ -54,6 +54,9 @@ class PathSample:
         return PathSample(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
+PATH_FIELDS = tuple(f.name for f in fields(PathSample))  # its field names, in order (fields() is slow per call)
+
+
 def _take(x: Tensor, index) -> Tensor:
     """Rows ``index`` of ``x``, moving a tensor index to ``x``'s device first."""
     return x[index.to(x.device)] if isinstance(index, Tensor) else x[index]

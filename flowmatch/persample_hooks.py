@@ -67,6 +67,11 @@ def _fwd_hook(rec: _Rec, on_grad, hold: bool, mod, args, out) -> None:
             out.register_hook(partial(on_grad, mod, rec))
 
 
+def _rows_of(x: Tensor, b: int) -> Tensor:
+    """x as (b, F) rows (a view; x itself when it is already two-dimensional)."""
+    return x if x.dim() == 2 else x.reshape(b, -1)
+
+
 def _linear(x: Tensor, d: Tensor, chunk: Chunk, targets: dict, dense: bool) -> dict:
     """Linear layer: per-sample float64 squared norms {attr: (b,)} (S = 1: ||d_i||^2 ||a_i||^2 and ||d_i||^2;
     S > 1 positions: the Gram trick or the materialised per-sample gradients); per-bin sums into ``targets``
@@ -250,9 +255,7 @@ class HooksEngine:
             if inputs:
                 grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
                 self._rows = [
-                    (m, r.x.detach().reshape(b, -1), g.reshape(b, -1))
-                    for (m, r), g in zip(held, grads)
-                    if g is not None
+                    (m, _rows_of(r.x.detach(), b), _rows_of(g, b)) for (m, r), g in zip(held, grads) if g is not None
                 ]
             del held
             with torch.autocast(dev, enabled=False) if self._ctx[3] else contextlib.nullcontext():
