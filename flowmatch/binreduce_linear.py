@@ -55,7 +55,8 @@ class Blocks:
     """One block layout of a chunk's rows: ``bins`` (Kg,) the chunk's bins it holds (None: all, in order), ``n``
     padded rows per bin, ``slots`` (R_g,) the padded position of each of its rows (None: the rows themselves, all
     bins equal), ``rows`` (R_g,) which rows of the chunk (None: all), ``count`` (Kg,) float64 rows per bin,
-    ``mask`` (Kg, n, 1) 1 for real rows (None: no padding)."""
+    ``mask`` (Kg, n, 1) 1 for real rows (None: no padding), ``gather`` the same layout read from the chunk's rows
+    (a gather, 2-3x faster than scattering into ``slots``; the padding then holds row 0 until masked)."""
 
     bins: Tensor | None
     n: int
@@ -63,6 +64,7 @@ class Blocks:
     rows: Tensor | None
     count: Tensor
     mask: Tensor | None
+    gather: Tensor | None = None  # (Kg * n,) the chunk row at each padded position (padding: row 0, then masked)
     limit: dict = field(default_factory=dict, compare=False, repr=False)  # dtype -> weights of the S / V check
 
     @property
@@ -106,7 +108,8 @@ def _padded(counts: list[int], ks: list[int], dev, all_bins: bool = False) -> Bl
     count = torch.tensor([float(counts[k]) for k in ks], dtype=F64, device=dev)
     bins = None if all_bins else torch.tensor(ks, device=dev)
     rows_t = None if all_bins else torch.tensor(rows, device=dev)
-    return Blocks(bins, n, torch.tensor(slots, device=dev), rows_t, count, mask)
+    gather = [starts[k] + i if i < counts[k] else 0 for k in ks for i in range(n)]
+    return Blocks(bins, n, torch.tensor(slots, device=dev), rows_t, count, mask, torch.tensor(gather, device=dev))
 
 
 def stack_factors(xs: list[Tensor], blk: Blocks, dtype, out: Tensor | None = None) -> Tensor:

@@ -41,7 +41,9 @@ class Packed:
     each row (None: the rows themselves), ``label`` (nblocks * n,) the bin of each padded position (Kc for
     padding), ``mask`` (nblocks, n, n) 1 where both positions hold rows of the same bin, ``count`` (Kc,) float64
     rows per bin, ``per_bin`` the per-bin layouts of the same rows (:func:`~flowmatch.binreduce_linear.blocks_for`,
-    for the centred route). ``rows`` and ``bins`` are None: a packed layout holds every row and bin of the chunk."""
+    for the centred route), ``gather`` the row at each padded position (padding rows hold a copy of row 0: the
+    mask and the bin labels leave them out). ``rows`` and ``bins`` are None: a packed layout holds every row and
+    bin of the chunk."""
 
     n: int
     nblocks: int
@@ -50,6 +52,7 @@ class Packed:
     mask: Tensor
     count: Tensor
     per_bin: tuple[Blocks, ...]
+    gather: Tensor | None = None  # (nblocks * n,) the row at each padded position (padding: row 0, never read)
     rows: None = None
     bins: None = None
     limit: dict = field(default_factory=dict, compare=False, repr=False)  # as Blocks.limit
@@ -99,18 +102,20 @@ def _pack(rows: Rows, counts: list[int], n: int) -> Packed:
     blocks = next_fit(counts, n)
     dev, Kc = rows.rb.device, len(counts)
     label = [Kc] * (len(blocks) * n)
-    slots = []
+    slots, gather, start = [], [0] * (len(blocks) * n), 0
     for j, ks in enumerate(blocks):
         pos = j * n
         for k in ks:
             label[pos : pos + counts[k]] = [k] * counts[k]
             slots.extend(range(pos, pos + counts[k]))
-            pos += counts[k]
+            gather[pos : pos + counts[k]] = range(start, start + counts[k])
+            pos, start = pos + counts[k], start + counts[k]
     lab = torch.tensor(label, device=dev)
     blk_lab = lab.view(len(blocks), n)
     mask = ((blk_lab[:, :, None] == blk_lab[:, None, :]) & (blk_lab < Kc)[:, :, None]).float()
     slots_t = None if slots == list(range(len(label))) else torch.tensor(slots, device=dev)
-    return Packed(n, len(blocks), slots_t, lab, mask, rows.count, blocks_for(rows))
+    gather_t = torch.tensor(gather, device=dev)
+    return Packed(n, len(blocks), slots_t, lab, mask, rows.count, blocks_for(rows), gather_t)
 
 
 def choose_layout(rows: Rows, Wi: int, Wo: int) -> tuple:

@@ -4,9 +4,10 @@ parameters and where they go in the sink, and the padded factor buffers of the l
 
 A pass lays its layers' inputs A and output gradients D out as (L, bins, n_pad, W) blocks
 (:func:`~flowmatch.binreduce_linear.stack_factors`); when both sides have the same width W they share one
-(2, L, bins * n_pad, W) buffer, so that each batched product serves both. The buffers of the most recent chunk
-layout are kept between calls (their zero padding is written once, only the rows are rewritten: the probe's layout
-is fixed across training) while they total at most ``KEEP_BYTES``; a new layout replaces them.
+(2, L, bins * n_pad, W) buffer, so that each batched product serves both. The rows are gathered into place (padding
+rows masked back to zero where they would count); the buffers of the most recent chunk layout are kept between
+calls (the probe's layout is fixed across training) while they total at most ``KEEP_BYTES``; a new layout replaces
+them.
 """
 
 from __future__ import annotations
@@ -115,13 +116,27 @@ class RowPasses:
                     for i, t in enumerate(srcs):
                         buf[i].copy_(t)
             for dst, j, k in writes:
-                src = items[j][k] if blk.rows is None else items[j][k].index_select(0, blk.rows)
-                dst.copy_(src) if blk.slots is None else dst.index_copy_(0, blk.slots, src.to(dt))
+                _write(dst, items[j][k], blk)
+            if writes and blk.slots is not None and not isinstance(blk, Packed):  # padding rows back to zero
+                for t in (A, D) if pair is None else (pair,):
+                    t.mul_(blk.mask)
             vals = (packed_pass_stats if isinstance(blk, Packed) else pass_stats)(A, D, blk, ps.pick, pair)
             if blk.bins is None:
                 stats.index_add_(1, ps.cols, vals.T)
             else:
                 stats.index_put_((blk.bins[:, None], ps.cols[None, :]), vals.T, accumulate=True)
+
+
+def _write(dst: Tensor, src: Tensor, blk) -> None:
+    """Lay the rows ``src`` (R, w) out in ``dst`` (positions, w) as the layout ``blk`` says: a plain copy when it
+    holds the rows themselves, else a gather of ``blk.gather`` (padding positions get a copy of row 0: a per-bin
+    layout masks them afterwards, a packed one never reads them)."""
+    if blk.slots is None:
+        dst.copy_(src)
+    elif src.dtype == dst.dtype and dst.is_contiguous():
+        torch.index_select(src, 0, blk.gather, out=dst)
+    else:
+        dst.copy_(src.index_select(0, blk.gather))
 
 
 def long_tensor(values: list[int], device) -> Tensor:
