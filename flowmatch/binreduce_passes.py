@@ -62,8 +62,8 @@ class RowPasses:
     def _jobs(self, items: list, rows: Rows, dt, device) -> list:
         """Per pass and block of its layout (:func:`~flowmatch.binreduce_packed.choose_layout`: bins packed into
         blocks for the Gram form, or per-bin blocks): (pass, block, A, D, pair, writes, stack): the factor buffers
-        A (L, Kg, n, Wi) and
-        D (L, Kg, n, Wo) (zero padding; one (2, L, Kg, n, W) ``pair`` buffer for equal widths), and how the rows
+        A (L, Kg, n, Wi) and D (L, Kg, n, Wo) (zero columns beyond a layer's width; one (2, L, Kg, n, W) ``pair``
+        buffer for equal widths), and how the rows
         get there: ``writes`` (destination view, layer, side) one layer at a time, or ``stack`` ((L, R, W) view,
         [(layer, side)...]) all at once (equal bins and widths). A and D are None for one layer of equal bins
         (views of its rows, made in :meth:`run`). Kept for the next call while they total <= ``KEEP_BYTES``."""
