@@ -112,17 +112,14 @@ def _padded(counts: list[int], ks: list[int], dev, all_bins: bool = False) -> Bl
     return Blocks(bins, n, torch.tensor(slots, device=dev), rows_t, count, mask, torch.tensor(gather, device=dev))
 
 
-def stack_factors(xs: list[Tensor], blk: Blocks, dtype, out: Tensor | None = None) -> Tensor:
+def stack_factors(xs: list[Tensor], blk: Blocks, dtype) -> Tensor:
     """(L, Kg, n, W) the rows (R, w_l) of each layer laid out as ``blk``'s blocks, in ``dtype``, zero-padded to
     the widest layer W: a view of the rows for one layer of full width, a stack for equal bins and widths, else
-    the rows written layer by layer into ``out`` ((L, Kg * n, W), whose padding must be zero: it is never written,
-    so a buffer kept from an earlier call with the same layout can be reused) or into a zeroed buffer."""
+    the rows written layer by layer into a zeroed buffer."""
     W, Kg, L = max(x.shape[1] for x in xs), blk.nblocks, len(xs)
     if blk.slots is None and all(x.shape[1] == W and x.dtype == dtype for x in xs):
-        if L == 1 and out is None:
-            return xs[0].view(1, Kg, blk.n, W)
-        return (torch.stack(xs) if out is None else torch.stack(xs, out=out)).view(L, Kg, blk.n, W)
-    out = xs[0].new_zeros(L, Kg * blk.n, W, dtype=dtype) if out is None else out
+        return xs[0].view(1, Kg, blk.n, W) if L == 1 else torch.stack(xs).view(L, Kg, blk.n, W)
+    out = xs[0].new_zeros(L, Kg * blk.n, W, dtype=dtype)
     for j, x in enumerate(xs):
         dst = out[j, :, : x.shape[1]]
         if blk.slots is None:

@@ -39,20 +39,21 @@ GRAM_EXTRA = 4 / 3  # a Gram-form multiply-add's cost relative to a direct one (
 class Packed:
     """Bins packed whole, in order, into ``nblocks`` blocks of ``n`` rows: ``slots`` (R,) the padded position of
     each row (None: the rows themselves), ``label`` (nblocks * n,) the bin of each padded position (Kc for
-    padding), ``mask`` (nblocks, n, n) 1 where both positions hold rows of the same bin, ``count`` (Kc,) float64
+    padding), ``same`` (nblocks, n, n) 1 where both positions hold rows of the same bin, ``count`` (Kc,) float64
     rows per bin, ``per_bin`` the per-bin layouts of the same rows (:func:`~flowmatch.binreduce_linear.blocks_for`,
-    for the centred route), ``gather`` the row at each padded position (padding rows hold a copy of row 0: the
-    mask and the bin labels leave them out). ``rows`` and ``bins`` are None: a packed layout holds every row and
-    bin of the chunk."""
+    for the centred route), ``gather`` the row at each padded position (padding rows hold a copy of row 0:
+    ``same`` and the bin labels leave them out, so unlike a per-bin layout there is no padding ``mask``). ``rows``
+    and ``bins`` are None: a packed layout holds every row and bin of the chunk."""
 
     n: int
     nblocks: int
     slots: Tensor | None
     label: Tensor
-    mask: Tensor
+    same: Tensor
     count: Tensor
     per_bin: tuple[Blocks, ...]
-    gather: Tensor | None = None  # (nblocks * n,) the row at each padded position (padding: row 0, never read)
+    gather: Tensor  # (nblocks * n,) the row at each padded position (padding: row 0, never read)
+    mask: None = None
     rows: None = None
     bins: None = None
     limit: dict = field(default_factory=dict, compare=False, repr=False)  # as Blocks.limit
@@ -74,10 +75,10 @@ def next_fit(counts: list[int], n: int) -> list[list[int]]:
     return out
 
 
-def _cost(counts: list[int], n: int, width: int) -> float:
-    """Estimated cost (multiply-adds) of the Gram products of blocks of ``n`` rows over a layer of ``width`` =
+def _block_cost(n: int, width: int) -> float:
+    """Estimated cost (multiply-adds) of the Gram products of one block of ``n`` rows over a layer of ``width`` =
     input + output width."""
-    return len(next_fit(counts, n)) * (GRAM_EXTRA * n * n * width + 2 * MATRIX_MACS)
+    return GRAM_EXTRA * n * n * width + 2 * MATRIX_MACS
 
 
 def packed_for(rows: Rows, width: int) -> Packed:
@@ -89,7 +90,7 @@ def packed_for(rows: Rows, width: int) -> Packed:
         return got
     counts = rows.count.round().long().tolist()
     lo = max(8, -(-max(counts, default=1) // 8) * 8)
-    n = min(range(lo, max(lo, 64) + 1, 8), key=lambda m: (_cost(counts, m, width), m))
+    n = min(range(lo, max(lo, 64) + 1, 8), key=lambda m: (len(next_fit(counts, m)) * _block_cost(m, width), m))
     got = rows.cache.get(("packed_n", n))  # one layout per block size, shared by the widths that choose it
     if got is None:
         got = rows.cache[("packed_n", n)] = _pack(rows, counts, n)
@@ -112,10 +113,10 @@ def _pack(rows: Rows, counts: list[int], n: int) -> Packed:
             pos, start = pos + counts[k], start + counts[k]
     lab = torch.tensor(label, device=dev)
     blk_lab = lab.view(len(blocks), n)
-    mask = ((blk_lab[:, :, None] == blk_lab[:, None, :]) & (blk_lab < Kc)[:, :, None]).float()
+    same = ((blk_lab[:, :, None] == blk_lab[:, None, :]) & (blk_lab < Kc)[:, :, None]).float()
     slots_t = None if slots == list(range(len(label))) else torch.tensor(slots, device=dev)
     gather_t = torch.tensor(gather, device=dev)
-    return Packed(n, len(blocks), slots_t, lab, mask, rows.count, blocks_for(rows), gather_t)
+    return Packed(n, len(blocks), slots_t, lab, same, rows.count, blocks_for(rows), gather_t)
 
 
 def choose_layout(rows: Rows, Wi: int, Wo: int) -> tuple:
@@ -128,7 +129,7 @@ def choose_layout(rows: Rows, Wi: int, Wo: int) -> tuple:
     pk = packed_for(rows, Wi + Wo)
     if pk.nblocks == int((pk.count > 0).sum()):
         return per_bin
-    return (pk,) if _cost(rows.count.round().long().tolist(), pk.n, Wi + Wo) < direct else per_bin
+    return (pk,) if pk.nblocks * _block_cost(pk.n, Wi + Wo) < direct else per_bin
 
 
 def packed_stats(A: Tensor, D: Tensor, pk: Packed, pair: Tensor | None = None) -> Tensor:
@@ -145,7 +146,7 @@ def packed_stats(A: Tensor, D: Tensor, pk: Packed, pair: Tensor | None = None) -
         dl, al = D.reshape(L * nb, n, Wo), A.reshape(L * nb, n, Wi)
         G = torch.stack([torch.bmm(dl, dl.transpose(1, 2)), torch.bmm(al, al.transpose(1, 2))]).view(2, L, nb, n, n)
     rn = G.diagonal(0, 3, 4)  # (2, L, nb, n): ||d_r||^2, ||a_r||^2
-    same = torch.stack([G[0] * G[1], G[0], G[1]]).mul_(pk.mask).sum(4)  # per row: sums over its bin's rows
+    same = torch.stack([G[0] * G[1], G[0], G[1]]).mul_(pk.same).sum(4)  # per row: sums over its bin's rows
     per_row = torch.stack([rn[0] * rn[1], same[0], rn[0], same[1], rn[1], same[2]]).view(6 * L, nb * n)
     out = torch.zeros(6 * L, Kc + 1, dtype=F64, device=A.device).index_add_(1, pk.label, per_row.to(F64))
     return out[:, :Kc].reshape(6, L, Kc)

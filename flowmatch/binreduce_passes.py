@@ -117,7 +117,7 @@ class RowPasses:
                         buf[i].copy_(t)
             for dst, j, k in writes:
                 _write(dst, items[j][k], blk)
-            if writes and blk.slots is not None and not isinstance(blk, Packed):  # padding rows back to zero
+            if writes and blk.mask is not None:  # per-bin padding rows back to zero (packed ones are never read)
                 for t in (A, D) if pair is None else (pair,):
                     t.mul_(blk.mask)
             vals = (packed_pass_stats if isinstance(blk, Packed) else pass_stats)(A, D, blk, ps.pick, pair)
